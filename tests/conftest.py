@@ -1,0 +1,49 @@
+"""Shared test fixtures: offline mode, few threads, and the reference folder."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def reference_path() -> Path:
+    return Path(os.environ.get("THREEDPE_REFERENCE", str(ROOT.parent / "shared" / "reference")))
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """`$THREEDPE_REFERENCE` (default ../shared/reference); skip if absent, fail under CI=true."""
+    path = reference_path()
+    if not path.is_dir():
+        msg = f"reference folder {path} is absent (set THREEDPE_REFERENCE)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def keys_dir() -> Path:
+    """Key lists copied from the reference into tests/data (facts, safe to ship)."""
+    return ROOT / "tests" / "data"
+
+
+def read_key_list(path: Path) -> list[tuple[str, tuple[int, ...]]]:
+    """Read a `key<TAB>shape<TAB>dtype<TAB>numel` TSV into [(key, shape)]."""
+    rows = []
+    for line in path.read_text().splitlines()[1:]:
+        key, shape = line.split("\t")[:2]
+        inner = shape.strip("()")
+        rows.append((key, tuple(int(s) for s in inner.split(",") if s)))
+    return rows

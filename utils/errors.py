@@ -1,0 +1,41 @@
+"""Named exceptions for every failure a user can fix. Each message says what to do."""
+from __future__ import annotations
+
+
+class ThreeDPEError(Exception):
+    """Base class of the project's user-facing errors."""
+
+
+class MissingWeightsError(ThreeDPEError, FileNotFoundError):
+    """A weight file is not where it should be.
+
+    The message names the file, where it goes, and where users get it.
+    """
+
+    def __init__(self, path: str, what: str, where_to_get: str):
+        self.path = str(path)
+        super().__init__(
+            f"Missing {what}: '{path}' does not exist.\n"
+            f"  Put the file there (or pass its path explicitly).\n"
+            f"  Where to get it: {where_to_get}"
+        )
+
+
+class UnsafePickleError(ThreeDPEError):
+    """A pickle asked for a global outside the allow-list; nothing from it was executed."""
+
+
+class UnknownCheckpointFormatError(ThreeDPEError):
+    """A file's content matches none of the supported checkpoint formats."""
+
+
+class BadImageError(ThreeDPEError):
+    """An image file cannot be read or converted."""
+
+
+class ConfigError(ThreeDPEError, ValueError):
+    """A config file or a key=value override is wrong."""
+
+
+class NoFaceError(ThreeDPEError):
+    """No face with enough confidence was found in an image."""
