@@ -1,0 +1,245 @@
+"""`PortraitEditor`: load a checkpoint, lift a portrait to an (edited) triplane, render it from any camera.
+
+Orchestration only: the layers live in `models/eg3d`, `models/live3d`, `models/editing`.
+
+    editor = PortraitEditor.from_pretrained("pretrained_models/3dpe.pt")
+    prompt = editor.encode_prompt(reference=ref)            # computed once, reused for every input
+    planes = editor.edit(images, prompt)                    # N×96×256×256
+    views = editor.render(planes[:1], original_test_cameras())   # image V×3×512², depth V×1×128²
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from utils.device import resolve_device
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class PromptEmbedding:
+    """Prompt tokens for the cross-attention: tokens 1×T×C (or N×T×C), bias None or same-batch ×T.
+
+    `reference` is the image the tokens came from (N×3×512² in [-1,1]); for a text prompt through the
+    InstructPix2Pix bridge it is the 2D-edited input, for a CLIP text prompt it is None.
+    """
+
+    tokens: torch.Tensor
+    bias: torch.Tensor | None = None
+    reference: torch.Tensor | None = None
+    text: str | None = None
+
+
+class PortraitEditor:
+    """Editing (3DPE) or reconstruction (Live3D) encoder + the w-free triplane renderer.
+
+    Every call runs in eval mode under `torch.inference_mode()`; rendering is deterministic.
+    `precision='bf16'` runs encoder and renderer under bf16 autocast (opt-in speed mode);
+    `channels_last=True` converts the conv weights' memory format.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        renderer: nn.Module,
+        *,
+        device: str | torch.device | None = None,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        text_bridge: Any | None = None,
+        source: str = "",
+    ):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.device = resolve_device(device)
+        self.precision = precision
+        self.encoder = encoder.eval().requires_grad_(False).to(self.device)
+        self.renderer = renderer.eval().requires_grad_(False).to(self.device)
+        if channels_last:
+            self.encoder.to(memory_format=torch.channels_last)
+            self.renderer.to(memory_format=torch.channels_last)
+        self.text_bridge = text_bridge
+        self.source = source
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        text_bridge: Any | None = None,
+    ) -> "PortraitEditor":
+        """Load any supported checkpoint (3dpe.pt, Live3D .pt, the project format) → editor."""
+        from models.checkpoint import build_models, load_checkpoint
+
+        ckpt = load_checkpoint(path)
+        models = build_models(ckpt)
+        if "encoder" not in models or "renderer" not in models:
+            raise ValueError(
+                f"{path}: a {ckpt.format} checkpoint has no encoder+renderer; test_scripts.py needs "
+                "3dpe.pt, a Live3D checkpoint, or a project checkpoint with both."
+            )
+        return cls(models["encoder"], models["renderer"], device=device, precision=precision,
+                   channels_last=channels_last, text_bridge=text_bridge, source=str(path))
+
+    @classmethod
+    def random_init(
+        cls,
+        *,
+        kind: str = "edit",
+        tiny: bool = False,
+        seed: int = 0,
+        prompt_encoder: str = "mae",
+        device: str | torch.device | None = None,
+        precision: str = "fp32",
+        text_bridge: Any | None = None,
+    ) -> "PortraitEditor":
+        """Random weights (full size, or `tiny` for tests): checks an install without any weight file."""
+        from models.eg3d.config import RendererConfig
+        from models.eg3d.triplane_renderer import TriplaneRenderer
+
+        torch.manual_seed(seed)
+        renderer = TriplaneRenderer(RendererConfig.tiny() if tiny else RendererConfig())
+        if kind == "edit":
+            from models.editing.editing_encoder import EditingEncoder, EditingEncoderConfig
+
+            cfg = EditingEncoderConfig.tiny() if tiny else EditingEncoderConfig()
+            cfg.prompt_encoder = prompt_encoder
+            encoder: nn.Module = EditingEncoder(cfg)
+        elif kind == "reconstruct":
+            from models.live3d.encoder import Live3DConfig, Live3DEncoder
+
+            encoder = Live3DEncoder(Live3DConfig.tiny("LT") if tiny else Live3DConfig())
+        else:
+            raise ValueError(f"kind must be 'edit' or 'reconstruct', got {kind!r}")
+        return cls(encoder, renderer, device=device, precision=precision, text_bridge=text_bridge,
+                   source="random-init" + ("-tiny" if tiny else ""))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def is_editing(self) -> bool:
+        """True for an editing encoder (takes a prompt), False for a Live3D reconstruction encoder."""
+        return hasattr(self.encoder, "encode_prompt")
+
+    @property
+    def prompt_encoder_kind(self) -> str | None:
+        """'mae', 'clip' or None (reconstruction)."""
+        if not self.is_editing:
+            return None
+        return getattr(getattr(self.encoder, "config", None), "prompt_encoder", "mae")
+
+    @property
+    def input_resolution(self) -> int:
+        """Image side the encoder expects (512 for released weights)."""
+        return int(getattr(getattr(self.encoder, "config", None), "input_resolution", 512))
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _to(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, torch.float32)
+
+    # ------------------------------------------------------------------ prompts
+    @torch.inference_mode()
+    def encode_prompt(
+        self,
+        reference: torch.Tensor | None = None,
+        text: str | None = None,
+        image: torch.Tensor | None = None,
+        image_weight: float = 0.5,
+    ) -> PromptEmbedding:
+        """Encode a reference image (1×3×512² in [-1,1]) and/or a text into prompt tokens.
+
+        A text with a MAE checkpoint goes through the InstructPix2Pix bridge: `image` (the input
+        portrait) is edited in 2D by the instruction and used as the reference.
+        """
+        if not self.is_editing:
+            raise ValueError("this checkpoint reconstructs (Live3D); it takes no prompt")
+        if reference is None and text is None:
+            raise ValueError("give a reference image or a text prompt")
+        kind = self.prompt_encoder_kind
+        if text is not None and kind != "clip":
+            if reference is not None:
+                raise ValueError("a MAE checkpoint takes one prompt: a reference image or a text")
+            if self.text_bridge is None:
+                raise ValueError(
+                    "this checkpoint's prompt encoder is MAE (image prompts only); text prompts need the "
+                    "InstructPix2Pix bridge (test_scripts.py sets it up; see docs/prompts.md)"
+                )
+            if image is None:
+                raise ValueError("the InstructPix2Pix bridge needs the input image to edit")
+            reference = self.text_bridge(self._to(image), [text] * image.shape[0]).to(self.device)
+            emb = self.encode_prompt(reference=reference)
+            return PromptEmbedding(emb.tokens, emb.bias, reference=reference, text=text)
+        with self._autocast():
+            if kind == "clip" and text is not None and reference is not None:
+                tokens, bias = self.encoder.encode_prompt(reference=self._to(reference), text=[text],
+                                                          image_weight=image_weight)
+            elif text is not None:
+                tokens, bias = self.encoder.encode_prompt(text=[text])
+            else:
+                tokens, bias = self.encoder.encode_prompt(reference=self._to(reference))
+        tokens = tokens.float()
+        return PromptEmbedding(tokens, None if bias is None else bias.float(),
+                               reference=None if reference is None else self._to(reference), text=text)
+
+    # ------------------------------------------------------------------ encode
+    @torch.inference_mode()
+    def edit(self, images: torch.Tensor, prompt: PromptEmbedding | torch.Tensor) -> torch.Tensor:
+        """Edited triplanes N×96×256×256 for images N×3×512² in [-1,1] and a prompt.
+
+        `prompt` is a `PromptEmbedding` (a 1-batch embedding is shared by every image) or a reference
+        image tensor (encoded on the fly).
+        """
+        if not self.is_editing:
+            raise ValueError("this checkpoint reconstructs (Live3D); call reconstruct()")
+        if isinstance(prompt, torch.Tensor):
+            prompt = self.encode_prompt(reference=prompt)
+        with self._autocast():
+            planes = self.encoder(self._to(images), prompt.tokens, prompt.bias)
+        return planes.float()
+
+    @torch.inference_mode()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Triplanes N×96×256×256 of images N×3×512² in [-1,1] (Live3D checkpoints)."""
+        if self.is_editing:
+            raise ValueError("this checkpoint edits (3DPE); call edit() with a prompt")
+        with self._autocast():
+            planes = self.encoder(self._to(images))
+        return planes.float()
+
+    # ------------------------------------------------------------------ render
+    @torch.inference_mode()
+    def render(self, planes: torch.Tensor, cameras: torch.Tensor, max_views_per_call: int = 8) -> dict[str, torch.Tensor]:
+        """Render one triplane (1×96×H×W) at V cameras (V×25), or N triplanes at N cameras.
+
+        Returns {'image' V×3×512² (roughly [-1,1], not clamped), 'image_raw' V×3×128², 'image_depth' V×1×128²}.
+        Views are rendered in batched calls of at most `max_views_per_call`.
+        """
+        planes = self._to(planes)
+        cameras = cameras.to(self.device, torch.float32)
+        outs: dict[str, list[torch.Tensor]] = {}
+        for i in range(0, cameras.shape[0], max_views_per_call):
+            cam = cameras[i : i + max_views_per_call]
+            pl = planes if planes.shape[0] == 1 else planes[i : i + max_views_per_call]
+            with self._autocast():
+                res = self.renderer(pl, cam, deterministic=True)
+            for k in ("image", "image_raw", "image_depth"):
+                outs.setdefault(k, []).append(res[k].float())
+        return {k: torch.cat(v) for k, v in outs.items()}
+
+    @torch.inference_mode()
+    def sample_density(self, planes: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """Raw density sigma at world points coords M×3 of one triplane → M×1 (for meshing)."""
+        return self.renderer.sample_density(self._to(planes[:1]), coords.to(self.device)[None])[0]
