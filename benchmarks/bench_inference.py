@@ -1,0 +1,89 @@
+"""Inference speed: ms per edit (encoder, cached reference), per 512 view, per edit + 3 views (images written).
+
+    python benchmarks/bench_inference.py [--device cpu|cuda] [--precision fp32 bf16] [--repeats 5] [--out FILE]
+
+Full-size models with random weights (the timings do not depend on the values). With bf16 it also
+reports the PSNR of bf16 views against fp32 views of the same weights.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+
+from common import emit, machine_info, peak_memory_mb, reset_peak_memory, time_ms
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1,1] (peak-to-peak 2)."""
+    mse = torch.mean((a.float().clamp(-1, 1) - b.float().clamp(-1, 1)) ** 2).item()
+    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
+def main() -> None:
+    from models.editor import PortraitEditor
+    from utils.cameras import original_test_cameras
+    from utils.device import resolve_device
+    from utils.image_io import save_png, tensor_to_uint8
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tiny", action="store_true", help="tiny models (smoke test of this script)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    res = 64 if args.tiny else 512
+    image = torch.rand(1, 3, res, res, generator=gen) * 2 - 1
+    reference = torch.rand(1, 3, res, res, generator=gen) * 2 - 1
+    cameras = original_test_cameras((-30.0, 0.0, 30.0), 0.0)
+    result: dict = {"benchmark": "inference", "machine": machine_info(device), "batch": 1, "views": 3, "results": {}}
+    base_views = None
+    for precision in args.precision:
+        editor = PortraitEditor.random_init(kind="edit", tiny=args.tiny, seed=0, device=device, precision=precision)
+        prompt = editor.encode_prompt(reference=reference)
+        out_dir = Path(tempfile.mkdtemp())
+        reset_peak_memory(device)
+
+        def edit():
+            return editor.edit(image, prompt)
+
+        planes = edit()
+        one_view = cameras[1:2]
+
+        def full():
+            p = editor.edit(image, prompt)
+            views = editor.render(p, cameras)["image"]
+            for i, v in enumerate(views):
+                save_png(out_dir / f"view{i}.png", tensor_to_uint8(v))
+
+        entry = {
+            "dtype": precision,
+            "prompt_encode": time_ms(lambda: editor.encode_prompt(reference=reference), device, args.repeats),
+            "edit": time_ms(edit, device, args.repeats),
+            "view_single": time_ms(lambda: editor.render(planes, one_view), device, args.repeats),
+            "views_3_batched": time_ms(lambda: editor.render(planes, cameras), device, args.repeats),
+            "edit_plus_3_views_written": time_ms(full, device, args.repeats),
+            "edit_plus_1_view": time_ms(lambda: editor.render(editor.edit(image, prompt), one_view), device,
+                                        args.repeats),
+        }
+        entry["per_view_ms_batched"] = round(entry["views_3_batched"]["median_ms"] / 3, 2)
+        entry["peak_memory_mb"] = peak_memory_mb(device)
+        views = editor.render(planes, cameras)["image"]
+        if precision == "fp32":
+            base_views = views
+        elif base_views is not None:
+            entry["psnr_vs_fp32_db"] = round(psnr(views, base_views), 2)
+        result["results"][precision] = entry
+    emit(result, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Distributed helpers: read the torchrun environment, init/destroy the process group, seed per rank.
+
+torchrun (or `python -m torch.distributed.run`) sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT.
+Without them everything here degrades to a single process: `all_reduce_*` are identities, rank 0 is main.
+
+    info = init_distributed()          # NCCL on CUDA, gloo on CPU
+    seed_everything(cfg.seed, info.rank)
+    ...
+    destroy_distributed()
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from utils.device import resolve_device
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits: global rank, rank on its node, number of processes, its device."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env_info() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the torchrun environment; (0, 0, 1) without it."""
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return rank, local_rank, world
+
+
+def launched_by_torchrun() -> bool:
+    """True when this process was started by torchrun (it sets LOCAL_RANK and WORLD_SIZE)."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(device: str | torch.device | None = None) -> DistInfo:
+    """Initialise the default process group when WORLD_SIZE > 1 and pick this rank's device.
+
+    `device` None/'auto': CUDA device LOCAL_RANK when CUDA is present, else CPU. The backend is NCCL for
+    CUDA devices and gloo otherwise. Safe to call when the group already exists.
+    """
+    rank, local_rank, world = env_info()
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        n = torch.cuda.device_count()
+        index = local_rank % max(n, 1) if dev.index is None else dev.index
+        dev = torch.device(dev.type, index)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs: dict[str, Any] = {}
+        if dev.type == "cuda":
+            kwargs["device_id"] = dev
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world, **kwargs)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=dev)
+
+
+def destroy_distributed() -> None:
+    """Tear the process group down (no-op without one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed a rank uses: distinct per rank, reproducible per (seed, rank)."""
+    return int(seed) + 1_000_003 * int(rank)
+
+
+def seed_everything(seed: int, rank: int = 0) -> int:
+    """Seed python, numpy and torch (CPU and all CUDA devices) with `rank_seed(seed, rank)`; returns it."""
+    s = rank_seed(seed, rank)
+    random.seed(s)
+    np.random.seed(s % (2**32))
+    torch.manual_seed(s)
+    return s
+
+
+def all_reduce_mean(values: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
+    """Average a dict of scalars over ranks (every rank must call it with the same keys, same order)."""
+    if not values:
+        return {}
+    keys = list(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= get_world_size()
+    return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order ([obj] in a single process)."""
+    if not is_dist():
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,521 @@
+"""Face alignment to the EG3D "in-the-wild" 512×512 crop, from five facial landmarks.
+
+The procedure (docs/preprocessing.md has the full account):
+
+1. five landmarks (image-left eye, image-right eye, nose tip, image-left and image-right mouth corner),
+   pixel coordinates, x right, y down;
+2. flip y (y' = H − 1 − y) and fit an affine camera to the five standard 3D landmarks by least
+   squares (POS): x ≈ a·P + tx, y' ≈ b·P + ty; keep only s_pos = (|a| + |b|)/2 and t = (tx, ty);
+3. s = 300 / s_pos; BICUBIC-resize the whole image to int(W·s) × int(H·s);
+4. crop 1024×1024 at left = int(w/2 − 512 + (tx − W/2)·s), up = int(h/2 − 512 + (H/2 − ty)·s),
+   black outside the image; centre-crop 700 (offset 162); LANCZOS-resize to 512.
+
+No rotation is applied: the crop is an axis-aligned square of side (7/3)·s_pos original pixels
+centred on (tx, H − ty) (continuous coordinates), so head roll stays in the picture.
+`CropBox` holds that square; it can be built from landmarks or directly from (centre, size), e.g.
+after temporal smoothing in a video.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from utils.errors import NoFaceError
+
+# Five standard 3D landmarks (Deep3DFaceRecon `load_lm3d` of BFM `similarity_Lm3D_all.mat`), rows
+# eyeL, eyeR, nose, mouthL, mouthR; BFM decimetres, y up, z toward the camera. The values are float32
+# numbers, as in the original, used in float64 arithmetic.
+STANDARD_LANDMARKS_3D: np.ndarray = np.array(
+    [
+        [-0.311486572, 0.290360779, 0.133779526],
+        [0.309798874, 0.289720371, 0.131795257],
+        [0.00325349881, -0.0461793244, 0.552442431],
+        [-0.252169281, -0.381339163, 0.224057317],
+        [0.248466194, -0.381282359, 0.222358690],
+    ],
+    dtype=np.float32,
+).astype(np.float64)
+STANDARD_LANDMARKS_3D.setflags(write=False)
+
+LANDMARK_NAMES: tuple[str, ...] = ("eye_left", "eye_right", "nose", "mouth_left", "mouth_right")
+
+RESCALE_FACTOR = 300.0  # template units → pixels in the 1024 frame
+TARGET_SIZE = 1024
+CENTER_CROP_SIZE = 700
+OUTPUT_SIZE = 512
+_CENTER_OFFSET = int(TARGET_SIZE / 2 - CENTER_CROP_SIZE / 2)  # 162
+
+# Template points in the 512 crop for an ideal frontal face (continuous coordinates, eg3d_crop.md §3).
+TEMPLATE_PX_PER_UNIT = RESCALE_FACTOR * OUTPUT_SIZE / CENTER_CROP_SIZE  # 219.4286
+TEMPLATE_LANDMARKS_512: np.ndarray = np.stack(
+    [256.0 + TEMPLATE_PX_PER_UNIT * STANDARD_LANDMARKS_3D[:, 0], 256.0 - TEMPLATE_PX_PER_UNIT * STANDARD_LANDMARKS_3D[:, 1]],
+    axis=1,
+)
+# Mean facenet-pytorch MTCNN landmarks on eight EG3D-cropped portraits (eg3d_crop.md §3), pixel coordinates.
+EMPIRICAL_LANDMARKS_512: np.ndarray = np.array(
+    [[190.65, 202.12], [325.50, 201.93], [256.29, 283.83], [192.83, 340.62], [317.06, 339.40]], dtype=np.float64
+)
+
+# Above this many pixels for the whole-image resize, only the needed region is resampled (same numbers
+# up to the rare ±1 rounding of PIL's fixed-point filter taps).
+_MAX_FULL_RESIZE_PIXELS = 36_000_000
+
+
+def _as_landmarks(landmarks: Any) -> np.ndarray:
+    lm = np.asarray(landmarks, dtype=np.float64)
+    if lm.shape == (10,):
+        lm = lm.reshape(5, 2)
+    if lm.shape != (5, 2):
+        raise ValueError(f"expected 5×2 landmarks (eyeL, eyeR, nose, mouthL, mouthR), got shape {lm.shape}")
+    if not np.all(np.isfinite(lm)):
+        raise ValueError("landmarks contain NaN or inf")
+    return lm
+
+
+# --------------------------------------------------------------------------------------------------
+# POS fit and the crop box
+# --------------------------------------------------------------------------------------------------
+
+
+def pos_fit_affine(landmarks: Any, image_height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Least-squares affine camera from the standard 3D landmarks to the image (y flipped to point up).
+
+    Args:
+        landmarks: 5×2 pixel coordinates, x right, y down, order eyeL, eyeR, nose, mouthL, mouthR.
+        image_height: H of the image the landmarks live in.
+    Returns:
+        (a, b, t): a, b the 3-vectors of the x and y' rows, t = (tx, ty) where the template origin
+        projects, in the y-up frame y' = H − 1 − y.
+    """
+    lm = _as_landmarks(landmarks)
+    x = lm[:, 0]
+    y_up = (image_height - 1) - lm[:, 1]
+    design = np.concatenate([STANDARD_LANDMARKS_3D, np.ones((5, 1))], axis=1)  # 5×4
+    # Two independent 4-parameter fits (the original stacks them into one 10×8 system; same solution).
+    kx = np.linalg.lstsq(design, x, rcond=None)[0]
+    ky = np.linalg.lstsq(design, y_up, rcond=None)[0]
+    return kx[:3], ky[:3], np.array([kx[3], ky[3]])
+
+
+def pos_fit(landmarks: Any, image_height: int) -> tuple[float, np.ndarray]:
+    """EG3D/Deep3DFaceRecon POS fit: scale and translation only.
+
+    Args:
+        landmarks: 5×2 pixel coordinates (x right, y down), order eyeL, eyeR, nose, mouthL, mouthR.
+        image_height: H of the image.
+    Returns:
+        (s_pos, t): s_pos = (|a| + |b|)/2 in image pixels per template unit; t = (tx, ty), the template
+        origin in the y-up frame y' = H − 1 − y (float64 array of shape (2,)).
+    """
+    a, b, t = pos_fit_affine(landmarks, image_height)
+    return float((np.linalg.norm(a) + np.linalg.norm(b)) / 2.0), t
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """The EG3D crop as one axis-aligned square in the original image.
+
+    center_x, center_y: box centre in continuous pixel coordinates (pixel index c spans [c, c+1)),
+    y down; size: side length in original pixels (= (7/3)·s_pos). `crop_image` turns the box back
+    into the exact EG3D chain, so a box from `crop_box` reproduces EG3D bit for bit, and a smoothed
+    or hand-made box crops consistently.
+    """
+
+    center_x: float
+    center_y: float
+    size: float
+
+    @property
+    def s_pos(self) -> float:
+        return self.size * RESCALE_FACTOR / CENTER_CROP_SIZE
+
+    @classmethod
+    def from_pos(cls, s_pos: float, t: Sequence[float], image_height: int) -> "CropBox":
+        """Box from a POS fit (s_pos, t = (tx, ty) in the y-up frame of an image of height `image_height`)."""
+        return cls(float(t[0]), float(image_height - float(t[1])), float(s_pos) * CENTER_CROP_SIZE / RESCALE_FACTOR)
+
+    def to_pos(self, image_height: int) -> tuple[float, np.ndarray]:
+        """Inverse of `from_pos`: (s_pos, t)."""
+        return self.s_pos, np.array([self.center_x, image_height - self.center_y])
+
+    def corners(self) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) in continuous coordinates."""
+        h = self.size / 2
+        return (self.center_x - h, self.center_y - h, self.center_x + h, self.center_y + h)
+
+
+def crop_box(landmarks: Any, image_height: int) -> CropBox:
+    """The EG3D crop box for `landmarks` (5×2, x right, y down) in an image of height `image_height`."""
+    s_pos, t = pos_fit(landmarks, image_height)
+    if not s_pos > 1e-6:
+        raise ValueError("degenerate landmarks: the fitted face scale is zero")
+    return CropBox.from_pos(s_pos, t, image_height)
+
+
+@dataclass(frozen=True)
+class _CropGeometry:
+    s: float  # resize factor of the whole image
+    w: int  # resized width, int(W0·s)
+    h: int
+    left: int  # 1024 crop offsets in the resized image
+    up: int
+
+
+def _geometry(box: CropBox, width: int, height: int) -> _CropGeometry:
+    s_pos, t = box.to_pos(height)
+    s = RESCALE_FACTOR / s_pos
+    w = int(width * s)
+    h = int(height * s)
+    left = int(w / 2 - TARGET_SIZE / 2 + (t[0] - width / 2) * s)
+    up = int(h / 2 - TARGET_SIZE / 2 + (height / 2 - t[1]) * s)
+    return _CropGeometry(s, w, h, left, up)
+
+
+def _resized_region(image: Image.Image, g: _CropGeometry, x0: int, y0: int, size: int) -> Image.Image:
+    """Pixels [x0, x0+size) × [y0, y0+size) of `image` BICUBIC-resized to g.w × g.h, black outside."""
+    out = Image.new("RGB", (size, size), (0, 0, 0))
+    if g.w < 1 or g.h < 1:
+        return out
+    if g.w * g.h <= _MAX_FULL_RESIZE_PIXELS:
+        resized = image.resize((g.w, g.h), resample=Image.BICUBIC)
+        return resized.crop((x0, y0, x0 + size, y0 + size))
+    # Large upscales: resample only the visible part (PIL's `box` keeps the filter geometry of the
+    # full resize: output pixel i samples source (i + 0.5)·W0/w).
+    ix0, iy0 = max(x0, 0), max(y0, 0)
+    ix1, iy1 = min(x0 + size, g.w), min(y0 + size, g.h)
+    if ix1 <= ix0 or iy1 <= iy0:
+        return out
+    sx, sy = image.width / g.w, image.height / g.h
+    region = image.resize(
+        (ix1 - ix0, iy1 - iy0), resample=Image.BICUBIC, box=(ix0 * sx, iy0 * sy, ix1 * sx, iy1 * sy)
+    )
+    out.paste(region, (ix0 - x0, iy0 - y0))
+    return out
+
+
+def crop_image(image: Image.Image, box: CropBox, output_size: int = OUTPUT_SIZE) -> Image.Image:
+    """Apply the EG3D crop chain for `box` to `image` (any size, converted to RGB).
+
+    Returns:
+        RGB PIL image output_size × output_size (512 in EG3D; other sizes resize the 700 crop with
+        LANCZOS to that size instead).
+    """
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    g = _geometry(box, image.width, image.height)
+    crop700 = _resized_region(image, g, g.left + _CENTER_OFFSET, g.up + _CENTER_OFFSET, CENTER_CROP_SIZE)
+    return crop700.resize((output_size, output_size), resample=Image.LANCZOS)
+
+
+def eg3d_crop(image: Image.Image, landmarks: Any, output_size: int = OUTPUT_SIZE) -> Image.Image:
+    """EG3D's in-the-wild crop of `image` from its 5 landmarks (5×2, x right, y down) → RGB 512×512 PIL image."""
+    return crop_image(image, crop_box(landmarks, image.height), output_size)
+
+
+def map_points_to_crop(
+    points: Any, box: CropBox, image_size: tuple[int, int], output_size: int = OUTPUT_SIZE
+) -> np.ndarray:
+    """Pixel-index coordinates in the original image (N×2, x right, y down) → pixel-index coordinates
+    in the crop, following the exact chain (truncations included). `image_size` = (W, H)."""
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    width, height = image_size
+    g = _geometry(box, width, height)
+    k = output_size / CENTER_CROP_SIZE
+    u = k * ((g.w / width) * (pts[:, 0] + 0.5) - g.left - _CENTER_OFFSET) - 0.5
+    v = k * ((g.h / height) * (pts[:, 1] + 0.5) - g.up - _CENTER_OFFSET) - 0.5
+    return np.stack([u, v], axis=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pose and camera label
+# --------------------------------------------------------------------------------------------------
+
+
+def _raw_yaw_pitch(landmarks: Any) -> tuple[float, float]:
+    a, b, _ = pos_fit_affine(landmarks, 0)
+    # Camera at yaw δ (towards +x) sees image-right = (cos δ, 0, −sin δ); at pitch ε (camera below the
+    # face) image-up = (0, cos ε, sin ε): read both angles off the affine rows.
+    yaw = math.atan2(-a[2], math.hypot(a[0], a[1]))
+    pitch = math.atan2(b[2], math.hypot(b[0], b[1]))
+    return yaw, pitch
+
+
+# MTCNN's points are not the template's 68-point definitions (its nose sits lower, its eyes too), so
+# the raw angles of a frontal face are not zero. Zero is set at the mean MTCNN landmarks of EG3D's
+# crops (eg3d_crop.md §3), i.e. "as frontal as the average EG3D crop".
+_YAW_ZERO, _PITCH_ZERO = _raw_yaw_pitch(EMPIRICAL_LANDMARKS_512)
+
+
+def estimate_yaw_pitch(landmarks: Any, max_yaw_deg: float = 60.0, max_pitch_deg: float = 40.0) -> tuple[float, float]:
+    """Rough head pose from 5 landmarks, in radians, as camera offsets from frontal.
+
+    Returns (yaw, pitch) such that EG3D's LookAtPoseSampler angles are (π/2 + yaw, π/2 + pitch):
+    yaw > 0 puts the camera to the face's +x side (the nose then appears left of the eye midline),
+    pitch > 0 puts the camera below the face. Orthographic, from the affine POS rows, zeroed at the
+    mean MTCNN landmarks of EG3D crops, clamped to ±max_yaw_deg / ±max_pitch_deg. Expect errors of
+    10° or more: it is meant for a camera label better than frontal on clearly turned heads.
+    """
+    yaw, pitch = _raw_yaw_pitch(landmarks)
+    yaw -= _YAW_ZERO
+    pitch -= _PITCH_ZERO
+    my, mp = math.radians(max_yaw_deg), math.radians(max_pitch_deg)
+    return float(min(max(yaw, -my), my)), float(min(max(pitch, -mp), mp))
+
+
+FOCAL_EG3D_LABEL_FALLBACK = 4.2647
+_RADIUS = 2.7
+_PIVOT = (0.0, 0.0, 0.2)
+
+
+def _look_at_label(horizontal: float, vertical: float) -> list[float]:
+    """EG3D LookAtPoseSampler camera (no noise) as a 25-float label; used only if utils.cameras is absent."""
+    vertical = min(max(vertical, 1e-5), math.pi - 1e-5)
+    pivot = np.array(_PIVOT)
+    origin = pivot + _RADIUS * np.array(
+        [math.sin(vertical) * math.cos(math.pi - horizontal), math.cos(vertical), math.sin(vertical) * math.sin(math.pi - horizontal)]
+    )
+    forward = pivot - origin
+    forward /= np.linalg.norm(forward)
+    right = -np.cross(np.array([0.0, 1.0, 0.0]), forward)
+    right /= np.linalg.norm(right)
+    down = np.cross(forward, right)
+    down /= np.linalg.norm(down)
+    cam2world = np.eye(4)
+    cam2world[:3, 0], cam2world[:3, 1], cam2world[:3, 2], cam2world[:3, 3] = right, down, forward, origin
+    f = FOCAL_EG3D_LABEL_FALLBACK
+    intr = [f, 0.0, 0.5, 0.0, f, 0.5, 0.0, 0.0, 1.0]
+    return [float(v) for v in cam2world.reshape(-1)] + intr
+
+
+def _cameras_module() -> Any:
+    try:
+        from utils import cameras
+    except ImportError:
+        return None
+    if hasattr(cameras, "look_at_cameras") and hasattr(cameras, "frontal_camera"):
+        return cameras
+    return None
+
+
+def _to_label(value: Any) -> list[float]:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().double().reshape(-1).tolist()
+    out = [float(v) for v in np.asarray(value, dtype=np.float64).reshape(-1)]
+    if len(out) != 25:
+        raise ValueError(f"a camera label has 25 numbers, got {len(out)}")
+    return out
+
+
+def camera_label_for_crop(landmarks: Any = None, estimate_pose: bool = False) -> list[float]:
+    """Camera label (25 floats: cam2world 4×4 row-major ++ normalised intrinsics 3×3) for an EG3D crop.
+
+    Frontal by default: camera at (0, 0, 2.7) looking along −z, fx = fy = 4.2647, cx = cy = 0.5.
+    With `estimate_pose` and landmarks (of the original image or the crop, 5×2), the camera is
+    placed at the rough yaw/pitch of `estimate_yaw_pitch` (radius 2.7, look-at (0, 0, 0.2)).
+    """
+    cams = _cameras_module()
+    if estimate_pose and landmarks is not None:
+        yaw, pitch = estimate_yaw_pitch(landmarks)
+        if cams is not None:
+            return _to_label(
+                cams.look_at_cameras(math.pi / 2 + yaw, math.pi / 2 + pitch, radius=_RADIUS, pivot=_PIVOT, focal=cams.FOCAL_EG3D_LABEL)
+            )
+        return _look_at_label(math.pi / 2 + yaw, math.pi / 2 + pitch)
+    if cams is not None:
+        return _to_label(cams.frontal_camera(cams.FOCAL_EG3D_LABEL))
+    return _look_at_label(math.pi / 2, math.pi / 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Detectors
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Face:
+    """One detected face. box: (x0, y0, x1, y1) pixels or None; score in [0,1]; landmarks 5×2 (x right, y down)."""
+
+    box: tuple[float, float, float, float] | None
+    score: float
+    landmarks: np.ndarray
+
+    @property
+    def size(self) -> float:
+        """Box width + height (EG3D picks the face with the largest), from the landmarks if there is no box."""
+        if self.box is not None:
+            x0, y0, x1, y1 = self.box
+        else:
+            (x0, y0), (x1, y1) = self.landmarks.min(axis=0), self.landmarks.max(axis=0)
+        return float((x1 - x0) + (y1 - y0))
+
+
+@runtime_checkable
+class LandmarkDetector(Protocol):
+    """Anything that finds faces: `detect(image, key)` → faces, the one to use first.
+
+    `image` is an RGB PIL image; `key` names it (file name) for detectors that look landmarks up.
+    """
+
+    def detect(self, image: Image.Image, key: str | None = None) -> list[Face]: ...
+
+
+class MTCNNDetector:
+    """facenet-pytorch MTCNN (weights ship in its wheel; fully offline).
+
+    Keeps faces with score ≥ min_confidence, sorted by box width + height, largest first (EG3D's rule).
+    Images whose longer side exceeds `max_side` are detected on a BICUBIC-downscaled copy and the
+    points scaled back (None: always full size).
+    """
+
+    def __init__(self, device: str | torch.device | None = None, min_confidence: float = 0.9, max_side: int | None = 2048):
+        from utils.device import resolve_device
+
+        self.device = resolve_device(device)
+        self.min_confidence = float(min_confidence)
+        self.max_side = max_side
+        self._mtcnn = None
+
+    def _model(self) -> Any:
+        if self._mtcnn is None:
+            from facenet_pytorch import MTCNN
+
+            self._mtcnn = MTCNN(keep_all=True, device=self.device)
+        return self._mtcnn
+
+    def detect(self, image: Image.Image, key: str | None = None) -> list[Face]:
+        image = image.convert("RGB") if image.mode != "RGB" else image
+        scale = 1.0
+        if self.max_side is not None and max(image.size) > self.max_side:
+            scale = self.max_side / max(image.size)
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            image = image.resize(size, resample=Image.BICUBIC)
+        with torch.inference_mode():
+            boxes, probs, points = self._model().detect(image, landmarks=True)
+        if boxes is None or points is None:
+            return []
+        # Under numpy 2, facenet-pytorch returns object arrays: go through Python lists.
+        boxes = np.array(np.asarray(boxes).tolist(), dtype=np.float64).reshape(-1, 4)
+        probs = np.array([float(p) if p is not None else 0.0 for p in np.asarray(probs).reshape(-1).tolist()])
+        points = np.array(np.asarray(points).tolist(), dtype=np.float64).reshape(-1, 5, 2)
+        faces = []
+        for box, p, lm in zip(boxes, probs, points):
+            if p < self.min_confidence:
+                continue
+            if scale != 1.0:
+                box, lm = box / scale, lm / scale
+            faces.append(Face(tuple(float(v) for v in box), float(p), lm))
+        faces.sort(key=lambda f: f.size, reverse=True)
+        return faces
+
+
+def _faces_from_json(obj: Any, where: str) -> list[Face]:
+    """Accepts 10 numbers, 5 pairs, a list of those, {"landmarks": .., "score": .., "box": ..}, or {"faces": [...]}."""
+    if isinstance(obj, dict):
+        if "faces" in obj:
+            return [f for item in obj["faces"] for f in _faces_from_json(item, where)]
+        if "landmarks" in obj:
+            lm = _as_landmarks(obj["landmarks"])
+            box = obj.get("box")
+            return [Face(tuple(float(v) for v in box) if box is not None else None, float(obj.get("score", 1.0)), lm)]
+        raise ValueError(f"{where}: a JSON object needs a 'landmarks' or 'faces' entry")
+    arr = np.asarray(obj, dtype=np.float64)
+    if arr.size % 10 != 0 or arr.size == 0:
+        raise ValueError(f"{where}: expected 10 numbers per face (x y for eyeL, eyeR, nose, mouthL, mouthR), got {arr.size}")
+    return [Face(None, 1.0, _as_landmarks(lm)) for lm in arr.reshape(-1, 5, 2)]
+
+
+class FileLandmarks:
+    """Landmarks given in files instead of detected.
+
+    `source` is either a folder holding, per image, `<stem>.txt` / `<stem>.json` (or `<file name>.txt`
+    / `.json`), or one JSON file mapping image file names or stems to landmarks.
+    TXT: 10 numbers per face (x y per line, EG3D's `batch_mtcnn` layout; commas allowed); several faces
+    follow one another. JSON: see `_faces_from_json`. Faces are used in file order (the first is the
+    main face); coordinates are pixels of the image as loaded (after EXIF rotation).
+    """
+
+    def __init__(self, source: str | Path):
+        self.source = Path(source)
+        self._mapping: dict[str, Any] | None = None
+        if self.source.is_file():
+            self._mapping = json.loads(self.source.read_text())
+            if not isinstance(self._mapping, dict):
+                raise ValueError(f"{self.source}: a landmarks file must map image names to landmarks")
+        elif not self.source.is_dir():
+            raise FileNotFoundError(f"landmarks source '{self.source}' is neither a folder nor a JSON file")
+
+    def detect(self, image: Image.Image, key: str | None = None) -> list[Face]:
+        if key is None:
+            raise ValueError("FileLandmarks needs the image's file name (key) to find its landmarks")
+        name, stem = Path(key).name, Path(key).stem
+        if self._mapping is not None:
+            for k in (name, stem, str(key)):
+                if k in self._mapping:
+                    return _faces_from_json(self._mapping[k], f"{self.source}[{k}]")
+            raise NoFaceError(f"no landmarks for '{name}' in {self.source}")
+        for candidate in (f"{stem}.txt", f"{stem}.json", f"{name}.txt", f"{name}.json"):
+            path = self.source / candidate
+            if path.is_file():
+                text = path.read_text()
+                if path.suffix == ".json":
+                    return _faces_from_json(json.loads(text), str(path))
+                numbers = [float(v) for v in text.replace(",", " ").split()]
+                return _faces_from_json(numbers, str(path))
+        raise NoFaceError(f"no landmarks file for '{name}': expected {self.source / (stem + '.txt')} or .json")
+
+
+# --------------------------------------------------------------------------------------------------
+# The one call
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AlignedFace:
+    """An aligned face: image (RGB PIL, 512×512), label (25 floats), landmarks (5×2, in the original
+    image), score, box (CropBox in the original image), crop_landmarks (5×2, pixel index in the crop)."""
+
+    image: Image.Image
+    label: list[float]
+    landmarks: np.ndarray
+    score: float
+    box: CropBox
+    crop_landmarks: np.ndarray = field(default_factory=lambda: np.zeros((5, 2)))
+
+
+def align_face(
+    image: Image.Image,
+    detector: LandmarkDetector,
+    all_faces: bool = False,
+    key: str | None = None,
+    estimate_pose: bool = False,
+    output_size: int = OUTPUT_SIZE,
+) -> list[AlignedFace]:
+    """Detect, crop and label the main face (or, with all_faces, every face, main first).
+
+    Args:
+        image: RGB PIL image, already upright (see utils.image_io.load_image).
+        detector: a LandmarkDetector (MTCNNDetector, FileLandmarks, ...).
+        key: the image's file name, passed to the detector.
+    Raises:
+        NoFaceError: the detector found no face.
+    """
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    faces = detector.detect(image, key=key)
+    if not faces:
+        raise NoFaceError(f"no face found in {key or 'the image'} (no detection with enough confidence)")
+    out = []
+    for face in faces if all_faces else faces[:1]:
+        box = crop_box(face.landmarks, image.height)
+        crop = crop_image(image, box, output_size)
+        crop_lm = map_points_to_crop(face.landmarks, box, image.size, output_size)
+        label = camera_label_for_crop(face.landmarks, estimate_pose=estimate_pose)
+        out.append(AlignedFace(crop, label, face.landmarks, face.score, box, crop_lm))
+    return out
