@@ -254,13 +254,13 @@ _YAW_ZERO, _PITCH_ZERO = _raw_yaw_pitch(EMPIRICAL_LANDMARKS_512)
 
 
 def estimate_yaw_pitch(landmarks: Any, max_yaw_deg: float = 60.0, max_pitch_deg: float = 40.0) -> tuple[float, float]:
-    """Rough head pose from 5 landmarks, in radians, as camera offsets from frontal.
+    """Rough head pose from 5 landmarks: the camera's geometric azimuth and elevation offsets, in radians.
 
-    Returns (yaw, pitch) such that EG3D's LookAtPoseSampler angles are (π/2 + yaw, π/2 + pitch):
-    yaw > 0 puts the camera to the face's +x side (the nose then appears left of the eye midline),
-    pitch > 0 puts the camera below the face. Orthographic, from the affine POS rows, zeroed at the
-    mean MTCNN landmarks of EG3D crops, clamped to ±max_yaw_deg / ±max_pitch_deg. Expect errors of
-    10° or more: it is meant for a camera label better than frontal on clearly turned heads.
+    yaw > 0: the camera moves to the face's +x side (the nose then appears left of the eye midline);
+    pitch > 0: the camera moves below the face. Orthographic, read off the affine POS rows, zeroed at
+    the mean MTCNN landmarks of EG3D crops, clamped to ±max_yaw_deg / ±max_pitch_deg. Expect errors
+    of 10° or more: it is meant for a camera label better than frontal on clearly turned heads.
+    `camera_label_for_crop` converts these angles to EG3D's LookAtPoseSampler arguments.
     """
     yaw, pitch = _raw_yaw_pitch(landmarks)
     yaw -= _YAW_ZERO
@@ -269,19 +269,32 @@ def estimate_yaw_pitch(landmarks: Any, max_yaw_deg: float = 60.0, max_pitch_deg:
     return float(min(max(yaw, -my), my)), float(min(max(pitch, -mp), mp))
 
 
+def look_at_angles(yaw: float, pitch: float) -> tuple[float, float]:
+    """Geometric camera offsets (radians) → EG3D LookAtPoseSampler (horizontal, vertical) arguments.
+
+    The sampler puts the camera at polar angle arccos(1 − 2·vertical/π) from +y, so an elevation e
+    below the horizon needs vertical = π/2·(1 + sin e); horizontal is the azimuth, π/2 + yaw.
+    """
+    return math.pi / 2 + yaw, math.pi / 2 * (1.0 + math.sin(pitch))
+
+
 FOCAL_EG3D_LABEL_FALLBACK = 4.2647
 _RADIUS = 2.7
 _PIVOT = (0.0, 0.0, 0.2)
 
 
 def _look_at_label(horizontal: float, vertical: float) -> list[float]:
-    """EG3D LookAtPoseSampler camera (no noise) as a 25-float label; used only if utils.cameras is absent."""
+    """EG3D LookAtPoseSampler camera (no noise, radius 2.7, look-at (0,0,0.2), f 4.2647) as 25 floats.
+
+    Used only when utils.cameras is not available.
+    """
     vertical = min(max(vertical, 1e-5), math.pi - 1e-5)
-    pivot = np.array(_PIVOT)
-    origin = pivot + _RADIUS * np.array(
-        [math.sin(vertical) * math.cos(math.pi - horizontal), math.cos(vertical), math.sin(vertical) * math.sin(math.pi - horizontal)]
+    phi = math.acos(1.0 - 2.0 * vertical / math.pi)
+    # The origin lies on a sphere around the world origin, not around the look-at point.
+    origin = _RADIUS * np.array(
+        [math.sin(phi) * math.cos(math.pi - horizontal), math.cos(phi), math.sin(phi) * math.sin(math.pi - horizontal)]
     )
-    forward = pivot - origin
+    forward = np.array(_PIVOT) - origin
     forward /= np.linalg.norm(forward)
     right = -np.cross(np.array([0.0, 1.0, 0.0]), forward)
     right /= np.linalg.norm(right)
@@ -299,15 +312,19 @@ def _cameras_module() -> Any:
         from utils import cameras
     except ImportError:
         return None
-    if hasattr(cameras, "look_at_cameras") and hasattr(cameras, "frontal_camera"):
+    if hasattr(cameras, "look_at_cameras") and hasattr(cameras, "frontal_camera") and hasattr(cameras, "FOCAL_EG3D_LABEL"):
         return cameras
     return None
 
 
 def _to_label(value: Any) -> list[float]:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().double().reshape(-1).tolist()
-    out = [float(v) for v in np.asarray(value, dtype=np.float64).reshape(-1)]
+    if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+        # Shortest decimal that round-trips in float32: 4.2647 and 2.7 stay readable in dataset.json.
+        out = [float(str(v)) for v in value.detach().cpu().reshape(-1).numpy()]
+    else:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().double()
+        out = [float(v) for v in np.asarray(value, dtype=np.float64).reshape(-1)]
     if len(out) != 25:
         raise ValueError(f"a camera label has 25 numbers, got {len(out)}")
     return out
@@ -316,18 +333,17 @@ def _to_label(value: Any) -> list[float]:
 def camera_label_for_crop(landmarks: Any = None, estimate_pose: bool = False) -> list[float]:
     """Camera label (25 floats: cam2world 4×4 row-major ++ normalised intrinsics 3×3) for an EG3D crop.
 
-    Frontal by default: camera at (0, 0, 2.7) looking along −z, fx = fy = 4.2647, cx = cy = 0.5.
-    With `estimate_pose` and landmarks (of the original image or the crop, 5×2), the camera is
-    placed at the rough yaw/pitch of `estimate_yaw_pitch` (radius 2.7, look-at (0, 0, 0.2)).
+    Frontal by default: camera at (0, 0, 2.7) looking along −z, fx = fy = 4.2647, cx = cy = 0.5
+    (`utils.cameras.frontal_camera`). With `estimate_pose` and landmarks (5×2, of the original image
+    or of the crop), the camera is placed at the rough pose of `estimate_yaw_pitch` with EG3D's
+    look-at sampler (radius 2.7, look-at (0, 0, 0.2)).
     """
     cams = _cameras_module()
     if estimate_pose and landmarks is not None:
-        yaw, pitch = estimate_yaw_pitch(landmarks)
+        horizontal, vertical = look_at_angles(*estimate_yaw_pitch(landmarks))
         if cams is not None:
-            return _to_label(
-                cams.look_at_cameras(math.pi / 2 + yaw, math.pi / 2 + pitch, radius=_RADIUS, pivot=_PIVOT, focal=cams.FOCAL_EG3D_LABEL)
-            )
-        return _look_at_label(math.pi / 2 + yaw, math.pi / 2 + pitch)
+            return _to_label(cams.look_at_cameras(horizontal, vertical, radius=_RADIUS, pivot=_PIVOT, focal=cams.FOCAL_EG3D_LABEL))
+        return _look_at_label(horizontal, vertical)
     if cams is not None:
         return _to_label(cams.frontal_camera(cams.FOCAL_EG3D_LABEL))
     return _look_at_label(math.pi / 2, math.pi / 2)
