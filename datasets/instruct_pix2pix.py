@@ -75,7 +75,7 @@ def load_instruct_pix2pix_pipeline(cfg: InstructPix2PixConfig, device: torch.dev
     source = cfg.model
     if source == InstructPix2PixConfig.model and Path(DEFAULT_LOCAL_FOLDER).is_dir():
         source = DEFAULT_LOCAL_FOLDER
-    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype}  # diffusers' current name for torch_dtype
     if cfg.disable_safety_checker:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     local = Path(source).expanduser()

@@ -139,11 +139,14 @@ def build_open_clip(
     if cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {}) \
             or "timm_model_name" in cfg.get("vision_cfg", {}):
         raise ConfigError(f"open_clip model '{model_name}': only native ViT towers (open_clip.CLIP) are supported")
+    weight_file = _resolve_weight_file(model_name, pretrained) if pretrained else None  # fail before building
+    if pretrained and not model_cfg and (open_clip.get_pretrained_cfg(model_name, pretrained) or {}).get("quick_gelu"):
+        cfg["quick_gelu"] = True  # e.g. the 'openai' tags were trained with QuickGELU
     model = open_clip.model.CLIP(**cfg)
     model.eval()
-    if pretrained:
-        used = load_open_clip_weights(model, model_name, pretrained)
-        logger.info("loaded open_clip %s weights from %s", model_name, used)
+    if weight_file:
+        open_clip.load_checkpoint(model, weight_file, strict=True, weights_only=True)
+        logger.info("loaded open_clip %s weights from %s", model_name, weight_file)
     return model
 
 
