@@ -1,0 +1,347 @@
+"""StyleGAN2/EG3D low-level ops in pure PyTorch.
+
+Numerically these follow NVIDIA's reference (`_ref`) code paths op for op (same op order, same padding
+arithmetic, same filter flipping), so outputs match the original renders to float32 rounding:
+
+- `bias_act`: add bias → activation → multiply by gain → clamp.
+- `upfirdn2d`: zero-insertion upsampling → pad/crop → 2-D FIR filter (true convolution unless
+  `flip_filter`) → keep every `down`-th sample.
+- `conv2d_resample`: convolution fused with FIR up/down-sampling (transposed strided conv + FIR for up=2).
+
+Filters are 2-D `[fh, fw]` (or separable 1-D `[fw]`) float32 tensors, normally `setup_filter([1,3,3,1])`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "ACTIVATIONS",
+    "bias_act",
+    "setup_filter",
+    "upfirdn2d",
+    "upsample2d",
+    "downsample2d",
+    "filter2d",
+    "conv2d_resample",
+]
+
+
+@dataclass(frozen=True)
+class _Activation:
+    func: Callable[[torch.Tensor, float], torch.Tensor]
+    def_alpha: float
+    def_gain: float
+
+
+ACTIVATIONS: dict[str, _Activation] = {
+    "linear": _Activation(lambda x, a: x, 0.0, 1.0),
+    "relu": _Activation(lambda x, a: F.relu(x), 0.0, math.sqrt(2)),
+    "lrelu": _Activation(lambda x, a: F.leaky_relu(x, a), 0.2, math.sqrt(2)),
+    "tanh": _Activation(lambda x, a: torch.tanh(x), 0.0, 1.0),
+    "sigmoid": _Activation(lambda x, a: torch.sigmoid(x), 0.0, 1.0),
+    "elu": _Activation(lambda x, a: F.elu(x), 0.0, 1.0),
+    "selu": _Activation(lambda x, a: F.selu(x), 0.0, 1.0),
+    "softplus": _Activation(lambda x, a: F.softplus(x), 0.0, 1.0),
+    "swish": _Activation(lambda x, a: torch.sigmoid(x) * x, 0.0, math.sqrt(2)),
+}
+
+
+def bias_act(
+    x: torch.Tensor,
+    b: torch.Tensor | None = None,
+    dim: int = 1,
+    act: str = "linear",
+    alpha: float | None = None,
+    gain: float | None = None,
+    clamp: float | None = None,
+) -> torch.Tensor:
+    """Add `b` (broadcast along `dim`), apply `act`, scale by `gain` (default: the activation's), clamp to ±`clamp`.
+
+    x: any shape; b: [x.shape[dim]] or None. Returns a tensor of x's shape and dtype.
+    """
+    if act not in ACTIVATIONS:
+        raise ValueError(f"unknown activation '{act}' (valid: {', '.join(ACTIVATIONS)})")
+    if clamp is not None and clamp < 0:
+        raise ValueError("clamp must be None or >= 0")
+    spec = ACTIVATIONS[act]
+    alpha = float(alpha if alpha is not None else spec.def_alpha)
+    gain = float(gain if gain is not None else spec.def_gain)
+    if b is not None:
+        if b.ndim != 1 or b.shape[0] != x.shape[dim]:
+            raise ValueError(f"bias of shape {tuple(b.shape)} does not match x.shape[{dim}]={x.shape[dim]}")
+        x = x + b.reshape([-1 if i == dim % x.ndim else 1 for i in range(x.ndim)])
+    x = spec.func(x, alpha)
+    if gain != 1:
+        x = x * gain
+    if clamp is not None:
+        x = x.clamp(-clamp, clamp)
+    return x
+
+
+def setup_filter(
+    f: Sequence[float] | torch.Tensor | None,
+    device: torch.device | str | None = None,
+    normalize: bool = True,
+    flip_filter: bool = False,
+    gain: float = 1.0,
+    separable: bool | None = None,
+) -> torch.Tensor:
+    """Build a float32 FIR filter: 1-D taps → outer product (2-D) unless `separable`; normalised to sum 1.
+
+    The default `[1,3,3,1]` gives the 4×4 `outer([1,3,3,1],[1,3,3,1])/64` stored in the checkpoints.
+    """
+    if f is None:
+        f = 1
+    f = torch.as_tensor(f, dtype=torch.float32)
+    if f.ndim == 0:
+        f = f[None]
+    if f.ndim not in (1, 2) or f.numel() == 0:
+        raise ValueError("filter must be 1-D or 2-D and non-empty")
+    if separable is None:
+        separable = f.ndim == 1 and f.numel() >= 8
+    if f.ndim == 1 and not separable:
+        f = torch.outer(f, f)
+    if normalize:
+        f = f / f.sum()
+    if flip_filter:
+        f = f.flip(list(range(f.ndim)))
+    f = f * (gain ** (f.ndim / 2))
+    return f.to(device=device) if device is not None else f
+
+
+def _parse_scaling(s: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(s, int):
+        return s, s
+    sx, sy = s
+    return int(sx), int(sy)
+
+
+def _parse_padding(p: int | Sequence[int]) -> tuple[int, int, int, int]:
+    """→ (padx0, padx1, pady0, pady1). Accepts an int, [px, py] or [px0, px1, py0, py1]."""
+    if isinstance(p, int):
+        return p, p, p, p
+    p = [int(v) for v in p]
+    if len(p) == 2:
+        return p[0], p[0], p[1], p[1]
+    if len(p) == 4:
+        return p[0], p[1], p[2], p[3]
+    raise ValueError(f"bad padding {p}")
+
+
+def _filter_size(f: torch.Tensor | None) -> tuple[int, int]:
+    """(fw, fh) of a filter; (1, 1) for None."""
+    if f is None:
+        return 1, 1
+    return int(f.shape[-1]), int(f.shape[0])
+
+
+def upfirdn2d(
+    x: torch.Tensor,
+    f: torch.Tensor | None,
+    up: int | Sequence[int] = 1,
+    down: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    flip_filter: bool = False,
+    gain: float = 1.0,
+) -> torch.Tensor:
+    """Upsample (zero insertion), pad, FIR-filter and downsample a batch of images.
+
+    x: [N, C, H, W]; f: [fh, fw] (2-D), [fw] (separable, applied along W then H) or None (identity 1×1).
+    The filter is multiplied by gain**(f.ndim/2) and flipped unless `flip_filter` (so the default is a true
+    convolution). Output: [N, C, (H*upy + pady0 + pady1 - fh)//downy + 1, ...W likewise].
+    """
+    if x.ndim != 4:
+        raise ValueError(f"upfirdn2d expects [N, C, H, W], got {tuple(x.shape)}")
+    if f is None:
+        f = torch.ones([1, 1], dtype=torch.float32, device=x.device)
+    batch, channels, in_h, in_w = x.shape
+    upx, upy = _parse_scaling(up)
+    downx, downy = _parse_scaling(down)
+    padx0, padx1, pady0, pady1 = _parse_padding(padding)
+
+    if upx > 1 or upy > 1:
+        x = x.reshape(batch, channels, in_h, 1, in_w, 1)
+        x = F.pad(x, [0, upx - 1, 0, 0, 0, upy - 1])
+        x = x.reshape(batch, channels, in_h * upy, in_w * upx)
+
+    x = F.pad(x, [max(padx0, 0), max(padx1, 0), max(pady0, 0), max(pady1, 0)])
+    x = x[:, :, max(-pady0, 0): x.shape[2] - max(-pady1, 0), max(-padx0, 0): x.shape[3] - max(-padx1, 0)]
+
+    f = f * (gain ** (f.ndim / 2))
+    f = f.to(x.dtype)
+    if not flip_filter:
+        f = f.flip(list(range(f.ndim)))
+    f = f[None, None].repeat([channels, 1] + [1] * f.ndim)
+    if f.ndim == 4:
+        x = F.conv2d(x, f, groups=channels)
+    else:
+        x = F.conv2d(x, f.unsqueeze(2), groups=channels)
+        x = F.conv2d(x, f.unsqueeze(3), groups=channels)
+
+    if downx > 1 or downy > 1:
+        x = x[:, :, ::downy, ::downx]
+    return x
+
+
+def upsample2d(
+    x: torch.Tensor,
+    f: torch.Tensor | None,
+    up: int | Sequence[int] = 2,
+    padding: int | Sequence[int] = 0,
+    flip_filter: bool = False,
+    gain: float = 1.0,
+) -> torch.Tensor:
+    """FIR upsampling: [N, C, H, W] → [N, C, H*up, W*up] (with padding 0), DC gain preserved."""
+    upx, upy = _parse_scaling(up)
+    padx0, padx1, pady0, pady1 = _parse_padding(padding)
+    fw, fh = _filter_size(f)
+    p = [
+        padx0 + (fw + upx - 1) // 2,
+        padx1 + (fw - upx) // 2,
+        pady0 + (fh + upy - 1) // 2,
+        pady1 + (fh - upy) // 2,
+    ]
+    return upfirdn2d(x, f, up=(upx, upy), padding=p, flip_filter=flip_filter, gain=gain * upx * upy)
+
+
+def downsample2d(
+    x: torch.Tensor,
+    f: torch.Tensor | None,
+    down: int | Sequence[int] = 2,
+    padding: int | Sequence[int] = 0,
+    flip_filter: bool = False,
+    gain: float = 1.0,
+) -> torch.Tensor:
+    """FIR downsampling: [N, C, H, W] → [N, C, H/down, W/down] (with padding 0)."""
+    downx, downy = _parse_scaling(down)
+    padx0, padx1, pady0, pady1 = _parse_padding(padding)
+    fw, fh = _filter_size(f)
+    p = [
+        padx0 + (fw - downx + 1) // 2,
+        padx1 + (fw - downx) // 2,
+        pady0 + (fh - downy + 1) // 2,
+        pady1 + (fh - downy) // 2,
+    ]
+    return upfirdn2d(x, f, down=(downx, downy), padding=p, flip_filter=flip_filter, gain=gain)
+
+
+def filter2d(
+    x: torch.Tensor,
+    f: torch.Tensor | None,
+    padding: int | Sequence[int] = 0,
+    flip_filter: bool = False,
+    gain: float = 1.0,
+) -> torch.Tensor:
+    """FIR filtering at the same resolution (centred padding)."""
+    padx0, padx1, pady0, pady1 = _parse_padding(padding)
+    fw, fh = _filter_size(f)
+    p = [padx0 + fw // 2, padx1 + (fw - 1) // 2, pady0 + fh // 2, pady1 + (fh - 1) // 2]
+    return upfirdn2d(x, f, padding=p, flip_filter=flip_filter, gain=gain)
+
+
+def _conv2d_wrapper(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    stride: int = 1,
+    padding: int | Sequence[int] = 0,
+    groups: int = 1,
+    transpose: bool = False,
+    flip_weight: bool = True,
+) -> torch.Tensor:
+    """conv2d / conv_transpose2d; `flip_weight=False` flips the kernel (true convolution instead of correlation)."""
+    kh, kw = w.shape[2], w.shape[3]
+    if not flip_weight and (kw > 1 or kh > 1):
+        w = w.flip([2, 3])
+    if transpose:
+        return F.conv_transpose2d(x, w, stride=stride, padding=padding, groups=groups)
+    return F.conv2d(x, w, stride=stride, padding=padding, groups=groups)
+
+
+def conv2d_resample(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    f: torch.Tensor | None = None,
+    up: int = 1,
+    down: int = 1,
+    padding: int | Sequence[int] = 0,
+    groups: int = 1,
+    flip_weight: bool = True,
+    flip_filter: bool = False,
+) -> torch.Tensor:
+    """2-D convolution with optional FIR up/down-sampling.
+
+    x: [N, C_in, H, W]; w: [C_out, C_in/groups, kh, kw]; f: FIR filter (required when up or down > 1).
+    Output: [N, C_out, H*up/down, W*up/down] for the usual `padding = k//2`.
+    """
+    if not (isinstance(up, int) and up >= 1 and isinstance(down, int) and down >= 1):
+        raise ValueError("up and down must be positive ints")
+    if (up > 1 or down > 1) and f is None:
+        raise ValueError("a resampling filter is required when up or down > 1")
+    out_channels, in_channels_per_group, kh, kw = w.shape
+    fw, fh = _filter_size(f)
+    px0, px1, py0, py1 = _parse_padding(padding)
+
+    if up > 1:
+        px0 += (fw + up - 1) // 2
+        px1 += (fw - up) // 2
+        py0 += (fh + up - 1) // 2
+        py1 += (fh - up) // 2
+    if down > 1:
+        px0 += (fw - down + 1) // 2
+        px1 += (fw - down) // 2
+        py0 += (fh - down + 1) // 2
+        py1 += (fh - down) // 2
+
+    # 1×1 kernel, downsampling only: filter+downsample first, then the cheap 1×1 conv.
+    if kw == 1 and kh == 1 and (down > 1 and up == 1):
+        x = upfirdn2d(x, f, down=down, padding=[px0, px1, py0, py1], flip_filter=flip_filter)
+        return _conv2d_wrapper(x, w, groups=groups, flip_weight=flip_weight)
+
+    # 1×1 kernel, upsampling only: conv first, then upsample.
+    if kw == 1 and kh == 1 and (up > 1 and down == 1):
+        x = _conv2d_wrapper(x, w, groups=groups, flip_weight=flip_weight)
+        return upfirdn2d(x, f, up=up, padding=[px0, px1, py0, py1], gain=up**2, flip_filter=flip_filter)
+
+    # Downsampling only: FIR filter, then strided conv.
+    if down > 1 and up == 1:
+        x = upfirdn2d(x, f, padding=[px0, px1, py0, py1], flip_filter=flip_filter)
+        return _conv2d_wrapper(x, w, stride=down, groups=groups, flip_weight=flip_weight)
+
+    # Upsampling: transposed strided conv, then FIR filter (and optional downsampling).
+    if up > 1:
+        if groups == 1:
+            w = w.transpose(0, 1)
+        else:
+            w = w.reshape(groups, out_channels // groups, in_channels_per_group, kh, kw)
+            w = w.transpose(1, 2)
+            w = w.reshape(groups * in_channels_per_group, out_channels // groups, kh, kw)
+        px0 -= kw - 1
+        px1 -= kw - up
+        py0 -= kh - 1
+        py1 -= kh - up
+        pxt = max(min(-px0, -px1), 0)
+        pyt = max(min(-py0, -py1), 0)
+        x = _conv2d_wrapper(x, w, stride=up, padding=[pyt, pxt], groups=groups, transpose=True,
+                            flip_weight=not flip_weight)
+        x = upfirdn2d(x, f, padding=[px0 + pxt, px1 + pxt, py0 + pyt, py1 + pyt], gain=up**2,
+                      flip_filter=flip_filter)
+        if down > 1:
+            x = upfirdn2d(x, f, down=down, flip_filter=flip_filter)
+        return x
+
+    # No resampling, symmetric non-negative padding: plain conv2d.
+    if px0 == px1 and py0 == py1 and px0 >= 0 and py0 >= 0:
+        return _conv2d_wrapper(x, w, padding=[py0, px0], groups=groups, flip_weight=flip_weight)
+
+    # Generic fallback.
+    x = upfirdn2d(x, (f if up > 1 else None), up=up, padding=[px0, px1, py0, py1], gain=up**2,
+                  flip_filter=flip_filter)
+    x = _conv2d_wrapper(x, w, groups=groups, flip_weight=flip_weight)
+    if down > 1:
+        x = upfirdn2d(x, f, down=down, flip_filter=flip_filter)
+    return x
