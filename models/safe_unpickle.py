@@ -313,6 +313,42 @@ def safe_torch_load(path: str | os.PathLike, *, map_location: str | torch.device
     return torch.load(Path(path), map_location=map_location, weights_only=False, pickle_module=RESTRICTED_PICKLE_MODULE)
 
 
+class _OriginalNamesPickler(pickle._Pickler):  # type: ignore[name-defined]
+    """Pickler that writes our `EasyDict` as the global `dnnlib.util.EasyDict` (what the original code expects)."""
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        if obj is EasyDict:
+            if self.proto >= 4:
+                self.save("dnnlib.util")
+                self.save("EasyDict")
+                self.write(pickle.STACK_GLOBAL)
+            else:
+                self.write(pickle.GLOBAL + b"dnnlib.util\nEasyDict\n")
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+    dispatch = dict(pickle._Pickler.dispatch)  # type: ignore[attr-defined]
+    dispatch[type] = save_global
+
+
+def _make_writing_module() -> types.ModuleType:
+    mod = types.ModuleType("threedpe_original_names_pickle")
+    mod.Pickler = _OriginalNamesPickler  # type: ignore[attr-defined]
+    mod.Unpickler = RestrictedUnpickler  # type: ignore[attr-defined]
+    mod.load = restricted_load  # type: ignore[attr-defined]
+
+    def dump(obj: Any, file: BinaryIO, protocol: int | None = None, **kwargs: Any) -> None:
+        _OriginalNamesPickler(file, protocol, **kwargs).dump(obj)
+
+    mod.dump = dump  # type: ignore[attr-defined]
+    return mod
+
+
+#: `torch.save(obj, path, pickle_module=ORIGINAL_NAMES_PICKLE_MODULE)` writes `EasyDict` as `dnnlib.util.EasyDict`.
+ORIGINAL_NAMES_PICKLE_MODULE = _make_writing_module()
+
+
 # --------------------------------------------------------------------------------------------------------
 # Reading the records
 # --------------------------------------------------------------------------------------------------------

@@ -1,0 +1,157 @@
+"""Sample portraits from an EG3D generator (NVIDIA's `gen_samples.py` protocol, deterministic rendering).
+
+    python -m datasets.eg3d_samples --network ffhqrebalanced512-128.pkl --seeds 11-12 --outdir out \
+        [--trunc 0.7] [--trunc-cutoff 14] [--yaws -20 0 20] [--pitch 0] [--save-tensors] [--device cpu]
+
+Per seed: z = np.random.RandomState(seed).randn(1, z_dim); ws = G.mapping(z, frontal camera, psi, cutoff);
+planes from the backbone with noise mode 'const'; one render per yaw (degrees from frontal) with the
+camera `look_at_cameras(π/2 + yaw, π/2 + pitch, radius, pivot, FOCAL_EG3D_LABEL)` (radius/pivot from the
+generator's rendering config: 2.7, (0, 0, 0.2) for FFHQ), deterministic sampling, one camera at a time.
+
+Writes `seed0011.png` (the 512² views side by side, uint8 = round((clamp(x,-1,1)+1)·127.5)) and, with
+--save-tensors, `seed0011.safetensors` with `planes` 1×96×256×256, `image` V×3×512×512,
+`image_raw` V×3×128×128, `image_depth` V×1×128×128 (views in --yaws order).
+--network: an EG3D .pkl (read safely, see docs/checkpoints.md), the converted .pth, or a project checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from utils.errors import ThreeDPEError
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'11-12' → [11, 12]; '1,3,5-7' → [1, 3, 5, 6, 7]."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)-(\d+)", part)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi < lo:
+                raise ValueError(f"bad seed range '{part}'")
+            seeds.extend(range(lo, hi + 1))
+        else:
+            seeds.append(int(part))
+    if not seeds:
+        raise ValueError(f"no seeds in '{text}'")
+    return seeds
+
+
+def load_generator(network: str | Path, device: torch.device | None = None) -> nn.Module:
+    """EG3D TriPlaneGenerator from a .pkl / converted .pth / project checkpoint, eval mode, on `device`."""
+    from models.checkpoint import build_models, load_checkpoint
+
+    ckpt = load_checkpoint(network)
+    if "generator" not in ckpt.components:
+        raise ThreeDPEError(
+            f"'{network}' is a {ckpt.format} checkpoint without an EG3D generator; pass the EG3D .pkl, the converted "
+            ".pth, or a project checkpoint converted from one"
+        )
+    gen = build_models(ckpt, components=("generator",))["generator"]
+    return gen.to(device or torch.device("cpu")).eval().requires_grad_(False)
+
+
+def _camera_geometry(gen: nn.Module) -> tuple[float, tuple[float, float, float]]:
+    rendering = getattr(getattr(gen, "cfg", None), "rendering", None)
+    radius = float(getattr(rendering, "avg_camera_radius", 2.7))
+    pivot = tuple(float(v) for v in getattr(rendering, "avg_camera_pivot", (0.0, 0.0, 0.2)))
+    return radius, pivot  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def sample_seed(
+    gen: nn.Module,
+    seed: int,
+    yaws_deg: Sequence[float] = (0.0,),
+    pitch_deg: float = 0.0,
+    truncation_psi: float = 0.7,
+    truncation_cutoff: int | None = 14,
+) -> dict[str, torch.Tensor]:
+    """One seed → {'planes' 1×96×P×P, 'image' V×3×R×R, 'image_raw' V×3×r×r, 'image_depth' V×1×r×r} on CPU.
+
+    Images are in about [-1, 1]; depth is the distance along the ray.
+    """
+    from utils.cameras import FOCAL_EG3D_LABEL, look_at_cameras
+
+    device = next(gen.parameters()).device
+    z_dim = int(getattr(getattr(gen, "cfg", None), "z_dim", 512))
+    z = torch.from_numpy(np.random.RandomState(seed).randn(1, z_dim)).to(device=device, dtype=torch.float32)
+    radius, pivot = _camera_geometry(gen)
+    c_cond = look_at_cameras(math.pi / 2, math.pi / 2, radius=radius, pivot=pivot, focal=FOCAL_EG3D_LABEL).to(device)
+    ws = gen.mapping(z, c_cond, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
+    planes = gen.synthesize_planes(ws, noise_mode="const")
+    outs: dict[str, list[torch.Tensor]] = {"image": [], "image_raw": [], "image_depth": []}
+    for yaw in yaws_deg:
+        cam = look_at_cameras(math.pi / 2 + math.radians(float(yaw)), math.pi / 2 + math.radians(float(pitch_deg)),
+                              radius=radius, pivot=pivot, focal=FOCAL_EG3D_LABEL).to(device)
+        out = gen.render_planes(planes, cam, ws, deterministic=True)
+        for k in outs:
+            outs[k].append(out[k].float().cpu())
+    result = {k: torch.cat(v, 0).contiguous() for k, v in outs.items()}
+    result["planes"] = planes.float().cpu().contiguous()
+    return result
+
+
+def save_seed(outdir: Path, seed: int, result: dict[str, torch.Tensor], save_tensors: bool = False) -> list[Path]:
+    """Write `seedNNNN.png` (views side by side) and optionally `seedNNNN.safetensors`."""
+    from utils.image_io import save_png
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    images = result["image"]
+    strip = torch.cat(list(images), dim=2)  # 3×R×(V·R)
+    written = [save_png(outdir / f"seed{seed:04d}.png", strip)]
+    if save_tensors:
+        from safetensors.torch import save_file
+
+        path = outdir / f"seed{seed:04d}.safetensors"
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({k: result[k].contiguous() for k in ("planes", "image", "image_raw", "image_depth")}, str(tmp),
+                  metadata={"seed": str(seed)})
+        tmp.replace(path)
+        written.append(path)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m datasets.eg3d_samples", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--network", required=True, help="EG3D .pkl, converted .pth, or project checkpoint directory")
+    parser.add_argument("--seeds", required=True, help="e.g. 11-12 or 0,3,5-7")
+    parser.add_argument("--outdir", required=True, help="output folder")
+    parser.add_argument("--trunc", type=float, default=0.7, help="truncation psi (default 0.7)")
+    parser.add_argument("--trunc-cutoff", type=int, default=14, help="truncation cutoff in ws (default 14 = all)")
+    parser.add_argument("--yaws", type=float, nargs="+", default=[0.0], help="yaw offsets from frontal, degrees")
+    parser.add_argument("--pitch", type=float, default=0.0, help="pitch offset from frontal, degrees")
+    parser.add_argument("--save-tensors", action="store_true", help="also write seedNNNN.safetensors")
+    parser.add_argument("--device", default=None, help="cpu / cuda / cuda:1 (default: CUDA when present)")
+    args = parser.parse_args(argv)
+    from utils.device import resolve_device
+
+    try:
+        seeds = parse_seeds(args.seeds)
+        device = resolve_device(args.device)
+        gen = load_generator(args.network, device)
+    except (ThreeDPEError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    outdir = Path(args.outdir)
+    for seed in seeds:
+        result = sample_seed(gen, seed, args.yaws, args.pitch, args.trunc, args.trunc_cutoff)
+        for p in save_seed(outdir, seed, result, args.save_tensors):
+            print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
