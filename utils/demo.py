@@ -1,0 +1,370 @@
+"""Interactive editing demo (Gradio): portrait + reference image or text → edited views, an orbit
+video, and yaw/pitch sliders that re-render the cached triplane without re-encoding.
+
+    pip install gradio                       # optional dependency, not in requirements.txt
+    python -m utils.demo --checkpoint pretrained_models/3dpe.pt [--device cuda] [--port 7860] [--share]
+    python -m utils.demo --random-init --tiny    # try the UI without weights (pictures are noise)
+
+The app binds to 127.0.0.1; `--share` (off by default) asks Gradio for a public link. All the logic is
+in `DemoSession`, a plain class usable (and tested) without Gradio. One session serves the app: it is
+a local, one-user demo (requests are serialised by a lock).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+GRADIO_MISSING = (
+    "The demo needs Gradio, an optional dependency: pip install gradio\n"
+    "(everything else in the project works without it; DemoSession in utils/demo.py is usable directly)."
+)
+DEFAULT_CHECKPOINT = "pretrained_models/3dpe.pt"
+
+
+def import_gradio() -> Any:
+    """Import gradio, or raise ImportError with install instructions."""
+    try:
+        import gradio as gr
+    except ImportError as e:
+        raise ImportError(GRADIO_MISSING) from e
+    return gr
+
+
+def _as_pil(image: Any) -> Image.Image:
+    """PIL image, uint8 H×W×3 array, float tensor in [-1,1] or a file path → RGB PIL image."""
+    if isinstance(image, (str, Path)):
+        from utils.image_io import load_image
+
+        return load_image(image)
+    from utils.image_io import to_pil, to_rgb
+
+    return to_rgb(to_pil(image))
+
+
+def _image_key(img: Image.Image) -> str:
+    return hashlib.sha1(np.asarray(img).tobytes() + repr(img.size).encode()).hexdigest()
+
+
+class DemoSession:
+    """State of one interactive session: an aligned portrait, a prompt, the cached edited triplane.
+
+    The triplane is encoded once per (portrait, prompt) pair; `rerender` only renders.
+    `encode_count` counts encoder runs (edits/reconstructions), `render_count` renderer calls.
+    """
+
+    def __init__(
+        self,
+        editor: Any,
+        detector: Any | None = None,
+        view_yaws_deg: tuple[float, ...] = (-30.0, 0.0, 30.0),
+        orbit_frames: int = 48,
+        orbit_fps: float = 24.0,
+        work_dir: str | Path | None = None,
+        input_size: int | None = None,
+    ):
+        self.editor = editor
+        self.input_size = int(input_size or editor.input_resolution)  # side of the aligned portrait
+        self._detector = detector
+        self.view_yaws_deg = tuple(view_yaws_deg)
+        self.orbit_frames = int(orbit_frames)
+        self.orbit_fps = float(orbit_fps)
+        self.work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="threedpe_demo_"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.RLock()
+        self.portrait: torch.Tensor | None = None  # 1×3×R×R in [-1,1]
+        self.portrait_image: Image.Image | None = None
+        self.message = ""
+        self.reference: torch.Tensor | None = None
+        self.text: str | None = None
+        self.planes: torch.Tensor | None = None  # 1×96×256×256 (cached edit)
+        self.prompt_reference: Image.Image | None = None  # the reference actually used (e.g. an IP2P edit)
+        self.encode_count = 0
+        self.render_count = 0
+        self._portrait_key: str | None = None
+        self._prompt_key: tuple | None = None
+        self._planes_key: tuple | None = None
+        self._embedding: Any = None
+        self._orbit_count = 0
+
+    # ------------------------------------------------------------------ inputs
+    @property
+    def detector(self) -> Any:
+        if self._detector is None:
+            from utils.face_alignment import MTCNNDetector
+
+            self._detector = MTCNNDetector(device=self.editor.device)
+        return self._detector
+
+    def _align(self, image: Any, what: str) -> tuple[Image.Image, str]:
+        """EG3D crop of the main face at the encoder's resolution; a centre crop if no face is found."""
+        from datasets.inference_inputs import prepare_portrait
+        from utils.errors import NoFaceError
+        from utils.face_alignment import align_face
+
+        img = _as_pil(image)
+        res = self.input_size
+        try:
+            aligned = align_face(img, self.detector, output_size=res)[0]
+            return aligned.image, f"{what}: face found (score {aligned.score:.3f}) and aligned to the EG3D crop."
+        except NoFaceError:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                crop = prepare_portrait(img, res, name=what)
+            return crop, (f"{what}: no face found; using a centre crop (results are best on a clear, "
+                          "roughly frontal face).")
+
+    def set_portrait(self, image: Any) -> Image.Image:
+        """Align and keep the portrait (PIL / uint8 array / path). Returns the aligned R×R RGB image;
+        `self.message` says whether a face was found or a centre crop was used."""
+        from utils.image_io import pil_to_tensor
+
+        with self.lock:
+            aligned, self.message = self._align(image, "portrait")
+            key = _image_key(aligned)
+            if key != self._portrait_key:
+                self.portrait_image = aligned
+                self.portrait = pil_to_tensor(aligned)
+                self._portrait_key = key
+                self.planes = None
+            return aligned
+
+    def set_prompt(self, reference: Any | None = None, text: str | None = None) -> None:
+        """Set the edit: a reference image (aligned like the portrait) and/or a text. The encoded prompt
+        and triplane are kept if the prompt did not change."""
+        from utils.image_io import pil_to_tensor
+
+        text = text.strip() if isinstance(text, str) and text.strip() else None
+        with self.lock:
+            ref_key = None
+            if reference is not None:
+                ref_img, msg = self._align(reference, "reference")
+                ref_key = _image_key(ref_img)
+                self.message = msg
+            key = (ref_key, text)
+            if key == self._prompt_key:
+                return
+            if self.editor.is_editing and reference is None and text is None:
+                raise ValueError("give a reference image or a text prompt")
+            self.reference = None if reference is None else pil_to_tensor(ref_img)
+            self.text = text
+            self._prompt_key = key
+            self._embedding = None
+            self.planes = None
+
+    # ------------------------------------------------------------------ encode / render
+    def _encode(self) -> torch.Tensor:
+        """Edited (or reconstructed) triplane of the portrait, cached per (portrait, prompt)."""
+        if self.portrait is None:
+            raise ValueError("set a portrait first")
+        key = (self._portrait_key, self._prompt_key)
+        if self.planes is not None and self._planes_key == key:
+            return self.planes
+        ed = self.editor
+        if ed.is_editing:
+            if self._prompt_key is None:
+                raise ValueError("set a reference image or a text prompt first")
+            # A text prompt through InstructPix2Pix (MAE checkpoints) depends on the portrait.
+            bridged = self.text is not None and ed.prompt_encoder_kind != "clip"
+            if self._embedding is None or bridged:
+                if bridged:
+                    self._embedding = ed.encode_prompt(text=self.text, image=self.portrait)
+                elif ed.prompt_encoder_kind == "clip" and self.text is not None and self.reference is not None:
+                    self._embedding = ed.encode_prompt(reference=self.reference, text=self.text)
+                elif self.text is not None:
+                    self._embedding = ed.encode_prompt(text=self.text)
+                else:
+                    self._embedding = ed.encode_prompt(reference=self.reference)
+            ref = getattr(self._embedding, "reference", None)
+            if ref is not None:
+                from utils.image_io import to_pil
+
+                self.prompt_reference = to_pil(ref[:1].cpu())
+            planes = ed.edit(self.portrait, self._embedding)
+        else:
+            planes = ed.reconstruct(self.portrait)
+        self.encode_count += 1
+        self.planes, self._planes_key = planes[:1], key
+        return self.planes
+
+    def _render(self, cameras: torch.Tensor) -> torch.Tensor:
+        if self.planes is None:
+            raise ValueError("nothing to render yet: run edit() first")
+        self.render_count += 1
+        return self.editor.render(self.planes, cameras)["image"]
+
+    @staticmethod
+    def camera(yaw_deg: float, pitch_deg: float) -> torch.Tensor:
+        """1×25 camera at yaw/pitch degrees from frontal (the original 3DPE focal, radius 2.7)."""
+        from utils.cameras import FOCAL_3DPE, look_at_cameras
+
+        return look_at_cameras(math.pi / 2 + math.radians(yaw_deg), math.pi / 2 + math.radians(pitch_deg),
+                               focal=FOCAL_3DPE).reshape(1, 25)
+
+    def edit(self) -> tuple[list[Image.Image], str]:
+        """Encode (once per portrait+prompt), render the views at `view_yaws_deg`, write the orbit video.
+
+        Returns (views as RGB PIL images, path of the orbit mp4).
+        """
+        from utils.cameras import orbit_cameras
+        from utils.image_io import tensor_to_uint8
+        from utils.video import AtomicVideoWriter
+
+        with self.lock:
+            self._encode()
+            cams = torch.cat([self.camera(y, 0.0) for y in self.view_yaws_deg])
+            views = [Image.fromarray(tensor_to_uint8(v)) for v in self._render(cams)]
+            self._orbit_count += 1
+            path = self.work_dir / f"orbit_{self._orbit_count:04d}.mp4"
+            orbit = orbit_cameras(self.orbit_frames)
+            with AtomicVideoWriter(path, fps=self.orbit_fps) as writer:
+                for i in range(0, orbit.shape[0], 8):
+                    for f in self._render(orbit[i : i + 8]):
+                        writer.append(tensor_to_uint8(f))
+            return views, str(path)
+
+    def rerender(self, yaw_deg: float, pitch_deg: float) -> Image.Image:
+        """Render the cached triplane at yaw/pitch (degrees from frontal), without re-encoding."""
+        from utils.image_io import tensor_to_uint8
+
+        with self.lock:
+            img = self._render(self.camera(float(yaw_deg), float(pitch_deg)))
+            return Image.fromarray(tensor_to_uint8(img[0]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradio app
+# --------------------------------------------------------------------------------------------------
+
+
+def build_app(session: DemoSession, examples: list[str] | None = None) -> Any:
+    """The Gradio Blocks app around `session`. API endpoints: /align, /edit, /rerender."""
+    gr = import_gradio()
+
+    def on_align(image):
+        if image is None:
+            return None, "upload a portrait"
+        aligned = session.set_portrait(image)
+        return aligned, session.message
+
+    def on_edit(image, reference, text, yaw, pitch):
+        if image is not None:
+            session.set_portrait(image)  # same image: nothing re-encoded
+        if session.portrait is None:
+            raise gr.Error("upload a portrait first")
+        try:
+            if session.editor.is_editing:
+                session.set_prompt(reference=reference, text=text)
+            views, video = session.edit()
+            view = session.rerender(yaw, pitch)
+        except ValueError as e:
+            raise gr.Error(str(e)) from e
+        return views, video, view, session.message
+
+    def on_rerender(yaw, pitch):
+        try:
+            return session.rerender(yaw, pitch)
+        except ValueError as e:
+            raise gr.Error(str(e)) from e
+
+    with gr.Blocks(title="3DPE: 3D-aware portrait editing", analytics_enabled=False) as app:
+        gr.Markdown("## 3DPE: 3D-aware portrait editing\nUpload a portrait (it is aligned to the EG3D crop), "
+                    "give a reference image or a text, press **Edit**; the sliders re-render the edited 3D head.")
+        with gr.Row():
+            with gr.Column():
+                portrait = gr.Image(label="portrait", type="pil")
+                aligned = gr.Image(label="aligned", type="pil", interactive=False)
+                if examples:
+                    gr.Examples(examples=[[p] for p in examples], inputs=[portrait])
+            with gr.Column():
+                reference = gr.Image(label="reference image (the edit)", type="pil")
+                text = gr.Textbox(label="or a text prompt", placeholder="e.g. turn her into a bronze statue")
+                run = gr.Button("Edit", variant="primary")
+                status = gr.Markdown()
+            with gr.Column():
+                view = gr.Image(label="view", type="pil", interactive=False)
+                yaw = gr.Slider(-45, 45, value=0, step=1, label="yaw (degrees)")
+                pitch = gr.Slider(-30, 30, value=0, step=1, label="pitch (degrees)")
+        with gr.Row():
+            gallery = gr.Gallery(label="views", columns=len(session.view_yaws_deg))
+            video = gr.Video(label="orbit")
+        portrait.change(on_align, inputs=[portrait], outputs=[aligned, status], api_name="align")
+        run.click(on_edit, inputs=[portrait, reference, text, yaw, pitch],
+                  outputs=[gallery, video, view, status], api_name="edit")
+        for s in (yaw, pitch):
+            s.release(on_rerender, inputs=[yaw, pitch], outputs=[view], api_name="rerender" if s is yaw else False)
+    return app
+
+
+def launch(app: Any, port: int | None = None, share: bool = False, block: bool = True,
+           allowed_paths: list[str] | None = None) -> Any:
+    """Launch on 127.0.0.1 (public link only with share=True). block=False returns at once (tests)."""
+    return app.launch(server_name="127.0.0.1", server_port=port, share=share, prevent_thread_lock=not block,
+                      quiet=not block, allowed_paths=allowed_paths, inbrowser=False)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m utils.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when present)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also create a public Gradio link (off by default)")
+    p.add_argument("--orbit-frames", type=int, default=48)
+    p.add_argument("--random-init", action="store_true", help="random weights (the UI works, pictures are noise)")
+    p.add_argument("--prompt-encoder", choices=["mae", "clip"], default="mae", help="with --random-init")
+    p.add_argument("--tiny", action="store_true", help="with --random-init: tiny models")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ip2p-model", default="timbrooks/instruct-pix2pix",
+                   help="InstructPix2Pix model for text prompts with a MAE checkpoint")
+    p.add_argument("--ip2p-steps", type=int, default=20)
+    p.add_argument("--ip2p-guidance", type=float, default=7.5)
+    p.add_argument("--ip2p-image-guidance", type=float, default=1.5)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        import_gradio()
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from models.editor import PortraitEditor
+    from utils.device import resolve_device
+    from utils.edit_video import _LazyBridge
+
+    device = resolve_device(args.device)
+    bridge = _LazyBridge(args, device)
+    if args.random_init:
+        editor = PortraitEditor.random_init(tiny=args.tiny, seed=args.seed, prompt_encoder=args.prompt_encoder,
+                                            device=device, precision=args.precision, text_bridge=bridge)
+        print("WARNING: --random-init: random weights, the pictures are noise.", file=sys.stderr)
+    else:
+        if not Path(args.checkpoint).exists():
+            print(f"error: checkpoint '{args.checkpoint}' not found. Download 3dpe.pt (README 'Pretrained models') "
+                  "into pretrained_models/ or pass --checkpoint; --random-init tries the UI without weights.",
+                  file=sys.stderr)
+            return 2
+        editor = PortraitEditor.from_pretrained(args.checkpoint, device=device, precision=args.precision,
+                                                text_bridge=bridge)
+    session = DemoSession(editor, orbit_frames=args.orbit_frames)
+    examples = [str(p) for p in sorted(Path("test_imgs/input").glob("*.png"))]
+    app = build_app(session, examples=examples or None)
+    launch(app, port=args.port, share=args.share, block=True, allowed_paths=[str(session.work_dir)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
