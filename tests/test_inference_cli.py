@@ -167,3 +167,74 @@ def test_cli_text_prompt_with_clip_module(data_dir: Path, tmp_path: Path):
     side = Image.open(out / "alice_view0.png").size[1]
     # CLIP text prompt: no reference tile
     assert Image.open(out / "alice_mv.png").size == (4 * side, side)
+
+
+def _tiny_models(kind: str):
+    from models.eg3d.config import RendererConfig
+    from models.eg3d.triplane_renderer import TriplaneRenderer
+
+    torch.manual_seed(7)
+    if kind == "edit":
+        from models.editing.editing_encoder import EditingEncoder, EditingEncoderConfig
+
+        enc = EditingEncoder(EditingEncoderConfig.tiny())
+    else:
+        from models.live3d.encoder import Live3DConfig, Live3DEncoder
+
+        enc = Live3DEncoder(Live3DConfig.tiny("LT"))
+    return enc.eval(), TriplaneRenderer(RendererConfig.tiny()).eval()
+
+
+@pytest.mark.parametrize("kind", ["edit", "reconstruct"])
+def test_cli_loads_original_layout_checkpoints(kind: str, data_dir: Path, tmp_path: Path):
+    """A 3dpe.pt / Live3D .pt written in the original layout loads strictly and gives our model's triplane."""
+    from safetensors.torch import load_file
+
+    from models.checkpoint import export_original_3dpe
+    from utils.image_io import load_image, pil_to_tensor
+
+    enc, ren = _tiny_models(kind)
+    ckpt = tmp_path / ("3dpe.pt" if kind == "edit" else "encoder_render_LT_90000.pt")
+    if kind == "edit":
+        export_original_3dpe(ckpt, enc.state_dict(), ren.state_dict(), step=120000, opts={"batch_size": 2})
+    else:
+        torch.save({"encoder_state_dict": enc.state_dict(), "renderer_state_dict": ren.state_dict(),
+                    "discriminator_state": {}, "opts": {}, "best_val_loss": None, "step": 90000,
+                    "encoder_optimizer": {}, "render_optimizer": {}}, ckpt)
+    out = tmp_path / "out"
+    rc = test_scripts.main(["--checkpoint", str(ckpt), "--data-dir", str(data_dir), "--output-dir", str(out),
+                            "--device", "cpu", "--save-triplane"])
+    assert rc == 0
+    got = load_file(str(out / "alice_triplane.safetensors"))["triplane"]
+    side = enc.config.input_resolution
+    x = pil_to_tensor(load_image(data_dir / "input" / "alice.png").resize((side, side), 3))
+    with torch.no_grad():
+        if kind == "edit":
+            ref = pil_to_tensor(load_image(data_dir / "ref" / "alice.png").resize((side, side), 3))
+            tokens, bias = enc.encode_prompt(reference=ref)
+            want = enc(x, tokens, bias)
+        else:
+            want = enc(x)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    strip = Image.open(out / "alice_mv.png")
+    assert strip.size[0] == strip.size[1] * (5 if kind == "edit" else 4)
+
+
+def test_cli_loads_project_format(data_dir: Path, tmp_path: Path):
+    import subprocess
+    import sys
+
+    from models.checkpoint import export_original_3dpe
+
+    enc, ren = _tiny_models("edit")
+    export_original_3dpe(tmp_path / "3dpe.pt", enc.state_dict(), ren.state_dict())
+    dst = tmp_path / "converted"
+    r = subprocess.run([sys.executable, "-m", "utils.convert_checkpoint", str(tmp_path / "3dpe.pt"), str(dst)],
+                       cwd=Path(test_scripts.__file__).parent, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert test_scripts.main(["--checkpoint", str(tmp_path / "3dpe.pt"), "--data-dir", str(data_dir),
+                              "--output-dir", str(a), "--device", "cpu"]) == 0
+    assert test_scripts.main(["--checkpoint", str(dst), "--data-dir", str(data_dir), "--output-dir", str(b),
+                              "--device", "cpu"]) == 0
+    assert _digest(a) == _digest(b)
