@@ -238,3 +238,27 @@ def test_cli_loads_project_format(data_dir: Path, tmp_path: Path):
     assert test_scripts.main(["--checkpoint", str(dst), "--data-dir", str(data_dir), "--output-dir", str(b),
                               "--device", "cpu"]) == 0
     assert _digest(a) == _digest(b)
+
+
+def test_cli_text_prompt_through_instruct_pix2pix_bridge(data_dir: Path, tmp_path: Path, monkeypatch):
+    """A MAE checkpoint + --prompt: the input is edited in 2D and used as the reference tile."""
+    import datasets.instruct_pix2pix as ip2p
+
+    calls = []
+
+    class TinyEditor(ip2p.InstructPix2PixEditor):
+        def __init__(self, cfg, device=None):
+            calls.append(cfg)
+            tiny = ip2p.build_tiny_instruct_pix2pix(seed=0)
+            cfg.steps, cfg.resolution = 2, 64
+            super().__init__(cfg, device=tiny.device, pipe=tiny)
+
+    monkeypatch.setattr(ip2p, "InstructPix2PixEditor", TinyEditor)
+    out = tmp_path / "out"
+    rc = _run(["--data-dir", str(data_dir), "--output-dir", str(out), "--prompt", "make it bronze",
+               "--ip2p-steps", "2"])
+    assert rc == 0
+    assert len(calls) == 1 and calls[0].guidance_scale == 7.5 and calls[0].image_guidance_scale == 1.5
+    side = Image.open(out / "alice_view0.png").size[1]
+    assert Image.open(out / "alice_mv.png").size == (5 * side, side)  # input | 2D-edited input | 3 views
+    assert (out / "bob_prompt.txt").read_text().strip() == "make it bronze"
