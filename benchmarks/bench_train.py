@@ -1,0 +1,109 @@
+"""Seconds per training step and peak memory of the full-size 3DPE distillation at batch 2, as JSON.
+
+    python benchmarks/bench_train.py                     # CUDA when present, else CPU
+    python benchmarks/bench_train.py --device cpu --steps 2 --threads 2
+    python benchmarks/bench_train.py --bf16 --steps 10
+
+Runs the real loop (training/train.py: teacher + student + one renderer + D with R1 + LPIPS, both cameras)
+on random-init full-size models and a synthetic 512² dataset written to a temporary folder; no weight files
+are needed except that LPIPS uses a random AlexNet when `pretrained_models/alexnet-owt-*.pth` is absent
+(same cost). The step time is the loop's own `time/step_seconds` (data loading excluded); the first
+`--warmup` steps are dropped. Peak memory: max CUDA memory allocated, or the process's peak RSS on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit, machine_info, peak_memory_mb, reset_peak_memory  # noqa: E402
+
+
+def synthetic_dataset(root: Path, n: int = 4, res: int = 512) -> Path:
+    from utils.cameras import look_at_cameras
+
+    rng = np.random.default_rng(0)
+    labels = []
+    for i in range(n):
+        name = f"img{i:08d}.png"
+        for d in ("00000", "00000_style"):
+            (root / d).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (res, res, 3), dtype=np.uint8)).save(root / d / name)
+        labels.append([f"00000/{name}", look_at_cameras(math.pi / 2, math.pi / 2)[0].tolist()])
+    (root / "dataset.json").write_text(json.dumps({"labels": labels}))
+    return root
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--steps", type=int, default=None, help="measured steps (default 10 on CUDA, 2 on CPU)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--no-gan", action="store_true")
+    ap.add_argument("--render-chunk", type=int, default=0, help="model.render_chunk (0 = no checkpointing)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from training.losses import ALEXNET_FILES
+    from training.train import TrainConfig, main as train_main
+    from utils.device import resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    steps = args.steps or (10 if device.type == "cuda" else 2)
+    have_alexnet = any((Path("pretrained_models") / f).is_file() for f in ALEXNET_FILES)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = synthetic_dataset(tmp / "data", n=max(4, args.batch * (steps + args.warmup)))
+        cfg = TrainConfig(name="bench", exp_dir=str(tmp / "exps"), max_steps=steps + args.warmup,
+                          device=str(device), bf16=args.bf16, export_3dpe=False)
+        cfg.data.train_root, cfg.data.val_root, cfg.data.val_fraction = str(data), "", 0.0
+        cfg.data.batch_size, cfg.data.workers = args.batch, 2
+        cfg.model.init_checkpoint, cfg.model.allow_random_init = "", True
+        cfg.model.render_chunk = args.render_chunk
+        cfg.loss.lpips_random_backbone = not have_alexnet
+        cfg.gan.enabled = not args.no_gan
+        cfg.log.log_interval, cfg.log.image_interval, cfg.log.val_interval = 1, 10**9, 10**9
+        cfg.log.save_interval, cfg.log.tqdm = 10**9, False
+        reset_peak_memory(device)
+        res = train_main(cfg)
+        peak = peak_memory_mb(device)
+        acc = EventAccumulator(str(res.run_dir / "logs"), size_guidance={"scalars": 0})
+        acc.Reload()
+        times = [e.value for e in acc.Scalars("time/step_seconds")][args.warmup:]
+    n_train = sum(p.numel() for p in res.encoder.parameters() if p.requires_grad)
+    emit({
+        "benchmark": "train_step",
+        "machine": machine_info(device),
+        "batch_per_process": args.batch,
+        "bf16": args.bf16,
+        "gan": not args.no_gan,
+        "render_chunk": args.render_chunk,
+        "views_per_sample": 2,
+        "trainable_params": n_train,
+        "steps_measured": len(times),
+        "seconds_per_step_median": round(statistics.median(times), 3),
+        "seconds_per_step_all": [round(t, 3) for t in times],
+        "peak_memory_mib": peak,
+        "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
+        "lpips_backbone": "alexnet (pretrained)" if have_alexnet else "alexnet (random, same cost)",
+    }, args.out)
+
+
+if __name__ == "__main__":
+    main()

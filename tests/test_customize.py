@@ -1,0 +1,120 @@
+"""`customize`: a handful of tiny pairs (or inputs + an instruction) → a loadable project-format checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CUSTOMIZE = ROOT / "configs" / "customize.yaml"
+TINY_OVERRIDES = [
+    "train.model.tiny=true", "train.model.init_checkpoint=", "train.data.resolution=64", "train.data.workers=0",
+    "train.device=cpu", "train.max_steps=2", "train.log.save_interval=2", "train.log.tqdm=false",
+    "train.loss.lpips_random_backbone=true", "train.log.image_size=32",
+]
+
+
+def _pairs(root: Path, n: int = 4, with_edits: bool = True, res: int = 64) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        img = rng.integers(0, 255, (res, res, 3), dtype=np.uint8)
+        (root / "input").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / "input" / f"p{i}.png")
+        if with_edits:
+            (root / "edited").mkdir(parents=True, exist_ok=True)
+            Image.fromarray((255 - img).astype(np.uint8)).save(root / "edited" / f"p{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory) -> Path:
+    """A tiny 'trained' 3DPE model in the project format (encoder, renderer, discriminator)."""
+    from models.checkpoint import save_pretrained
+    from models.discriminator import DiscriminatorConfig, EditingDualDiscriminator
+    from models.editing.editing_encoder import EditingEncoder, EditingEncoderConfig
+    from models.eg3d.config import RendererConfig
+    from models.eg3d.triplane_renderer import TriplaneRenderer
+
+    torch.manual_seed(1)
+    e_cfg, r_cfg, d_cfg = EditingEncoderConfig.tiny(), RendererConfig.tiny(), DiscriminatorConfig.tiny(64)
+    comps = {"encoder": EditingEncoder(e_cfg).state_dict(), "renderer": TriplaneRenderer(r_cfg).state_dict(),
+             "discriminator": EditingDualDiscriminator(d_cfg).state_dict()}
+    return save_pretrained(tmp_path_factory.mktemp("base") / "base", comps, "3dpe",
+                           {"encoder": e_cfg, "renderer": r_cfg, "discriminator": d_cfg}, {"test": True})
+
+
+def test_pairs_reader_labels_and_references(tmp_path):
+    from training.customize import CustomPairs
+    from utils.cameras import FOCAL_EG3D_LABEL, frontal_camera
+
+    root = _pairs(tmp_path / "pairs", n=3)
+    label = [float(i) for i in range(25)]
+    (root / "dataset.json").write_text(json.dumps({"labels": [["input/p1.png", label]]}))
+    (root / "input" / "extra.png").write_bytes((root / "input" / "p0.png").read_bytes())  # no edit: skipped
+    ds = CustomPairs(root / "input", root / "edited", 64, root / "dataset.json")
+    assert ds.stems == ["p0", "p1", "p2"]
+    assert torch.equal(ds[1]["camera"], torch.tensor(label))
+    assert torch.allclose(ds[0]["camera"], frontal_camera(FOCAL_EG3D_LABEL)[0])
+    assert ds[0]["camera"][0].item() == pytest.approx(1.0) and ds[0]["camera"][16].item() == pytest.approx(4.2647)
+    for i in range(3):  # the reference is another pair's edit
+        item = ds[i]
+        assert not torch.equal(item["reference"], item["target"])
+        assert item["input"].shape == (3, 64, 64) and item["input"].min() >= -1 and item["input"].max() <= 1
+
+
+def test_customize_cli_writes_a_loadable_checkpoint(tmp_path, base_checkpoint):
+    from models.checkpoint import build_models, load_checkpoint
+
+    pairs = _pairs(tmp_path / "pairs")
+    exp = tmp_path / "exps"
+    cmd = [sys.executable, str(ROOT / "train_scripts.py"), "customize", "--config", str(CUSTOMIZE),
+           "--pairs", str(pairs), "--base", str(base_checkpoint), "--name", "mystyle",
+           *TINY_OVERRIDES, f"train.exp_dir={exp}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = exp / "mystyle" / "final"
+    ckpt = load_checkpoint(out)
+    models = build_models(ckpt)
+    base = load_checkpoint(base_checkpoint).components["encoder"]
+    new = models["encoder"].state_dict()
+    assert any(not torch.equal(new[k], base[k]) for k in base if k.startswith("Final_encoder."))
+    assert all(torch.equal(new[k], base[k]) for k in base if k.startswith(("encoder.", "F_encoder.", "EHigh_encoder.")))
+    from models.editor import PortraitEditor
+
+    editor = PortraitEditor.from_pretrained(out, device="cpu")
+    img = torch.rand(1, 3, 64, 64) * 2 - 1
+    assert editor.edit(img, editor.encode_prompt(reference=img)).shape == (1, 96, 32, 32)
+
+
+def test_customize_with_an_instruction(tmp_path, base_checkpoint):
+    from datasets.instruct_pix2pix import InstructPix2PixConfig, InstructPix2PixEditor, build_tiny_instruct_pix2pix
+    from training.customize import run
+
+    pairs = _pairs(tmp_path / "pairs", n=2, with_edits=False)
+    ip2p = InstructPix2PixEditor.from_pipeline(build_tiny_instruct_pix2pix(),
+                                               InstructPix2PixConfig(steps=2, resolution=64))
+    res = run(str(CUSTOMIZE), [*TINY_OVERRIDES, f"train.exp_dir={tmp_path / 'exps'}", "train.max_steps=1"],
+              pairs=str(pairs), base=str(base_checkpoint), instruction="make it bronze", name="bronze", editor=ip2p)
+    edited = sorted(p.name for p in (res.run_dir / "edited").iterdir())
+    assert edited == ["p0.png", "p1.png"]
+    assert (res.run_dir / "final" / "model.safetensors").is_file()
+    assert (res.run_dir / "instruction.txt").read_text().strip() == "make it bronze"
+
+
+def test_customize_needs_pairs(tmp_path):
+    from training.customize import CustomizeConfig, main
+    from utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--pairs"):
+        main(CustomizeConfig())
+    (tmp_path / "input").mkdir()
+    with pytest.raises(ConfigError, match="edited"):
+        main(CustomizeConfig(pairs=str(tmp_path)))

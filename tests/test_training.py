@@ -1,0 +1,240 @@
+"""The training loop on tiny models: exact resume, frozen parts, falling loss, TensorBoard tags,
+loadable snapshots, and a 2-process gloo DDP run whose ranks stay identical."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "train_tiny.yaml"
+
+
+def make_tiny_dataset(root: Path, n_portraits: int = 6, styles=("anime", "zombie"), res: int = 64,
+                      seed: int = 0) -> Path:
+    """EG3D/3DPE layout: dataset.json + <dir>/<file>.png + <dir>_<style>/<file>.png (no '_' in names)."""
+    from utils.cameras import look_at_cameras
+
+    rng = np.random.default_rng(seed)
+    labels = []
+    yy, xx = np.mgrid[0:res, 0:res] / res
+    for i in range(n_portraits):
+        d, name = f"{i // 4:05d}", f"img{i:08d}.png"
+        base = rng.uniform(30, 220, size=(1, 1, 3))
+        img = np.clip(base * (0.5 + 0.5 * np.stack([yy, xx, 1 - yy], -1)) + rng.normal(0, 8, (res, res, 3)), 0, 255)
+        (root / d).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.astype(np.uint8)).save(root / d / name)
+        for k, style in enumerate(styles):
+            (root / f"{d}_{style}").mkdir(parents=True, exist_ok=True)
+            edited = np.clip(img * (0.6 + 0.3 * k) + 40 * k, 0, 255)
+            Image.fromarray(edited.astype(np.uint8)).save(root / f"{d}_{style}" / name)
+        cam = look_at_cameras(math.pi / 2 + rng.uniform(-0.2, 0.2), math.pi / 2 + rng.uniform(-0.1, 0.1))
+        labels.append([f"{d}/{name}", cam[0].tolist()])
+    (root / "dataset.json").write_text(json.dumps({"labels": labels}))
+    return root
+
+
+def tiny_config(data: Path, exp: Path, name: str, *overrides: str):
+    from training.train import TrainConfig
+    from utils.config import load_config
+
+    return load_config(TrainConfig, TINY, [f"data.train_root={data}", f"exp_dir={exp}", f"name={name}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An uninterrupted 4-step run, and the same run stopped after step 2 and resumed.
+
+    4 portraits, 1 held out → 6 pairs → 3 steps per epoch: the resumed part crosses an epoch boundary.
+    """
+    from training.train import main
+
+    tmp = tmp_path_factory.mktemp("train")
+    data = make_tiny_dataset(tmp / "data", n_portraits=4)
+    full = main(tiny_config(data, tmp / "exps", "full"))
+    stopped = main(tiny_config(data, tmp / "exps", "resumed", "stop_after=2"))
+    stopped_state = _state(stopped.encoder)
+    resumed = main(tiny_config(data, tmp / "exps", "resumed", "resume=auto"))
+    return {"data": data, "tmp": tmp, "full": full, "stopped": stopped, "resumed": resumed,
+            "stopped_state": stopped_state}
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_resume_is_bit_exact(runs):
+    full, stopped, resumed = runs["full"], runs["stopped"], runs["resumed"]
+    assert stopped.stopped and stopped.step == 2 and resumed.step == 4 and full.step == 4
+    a, b = _state(full.encoder), _state(resumed.encoder)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "student differs after resume"
+    da, db = _state(full.discriminator), _state(resumed.discriminator)
+    assert all(torch.equal(da[k], db[k]) for k in da), "discriminator differs after resume"
+    # and training did something between step 2 and 4
+    s2 = runs["stopped_state"]
+    assert any(not torch.equal(s2[k], a[k]) for k in a if k.startswith("Final_encoder."))
+    # keep_last=2: of the stop/resume run's checkpoints 2 and 4, both remain; no temporary folders
+    names = sorted(p.name for p in (resumed.run_dir / "checkpoints").iterdir())
+    assert names == ["step_00000002", "step_00000004"]
+
+
+def test_frozen_parts_do_not_change(runs):
+    from training.train import build_networks
+
+    cfg = tiny_config(runs["data"], runs["tmp"] / "exps", "full")
+    torch.manual_seed(cfg.seed)
+    init = build_networks(cfg)
+    before, after = _state(init["student"]), _state(runs["full"].encoder)
+    for k in before:
+        same = torch.equal(before[k], after[k])
+        if k.startswith(("Final_encoder.", "Ref_encoder.")):
+            continue
+        assert same, f"frozen parameter {k} changed"
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("Final_encoder."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("Ref_encoder."))
+    r0, r1 = _state(init["renderer"]), _state(runs["full"].renderer)
+    assert all(torch.equal(r0[k], r1[k]) for k in r0), "the renderer changed"
+    assert not any(p.requires_grad for p in runs["full"].renderer.parameters())
+    enc = runs["full"].encoder
+    assert not any(p.requires_grad for n, p in enc.named_parameters() if n.startswith(("encoder.", "decoder.",
+                                                                                         "F_encoder.", "EHigh_encoder.")))
+
+
+def test_tensorboard_has_the_promised_tags(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(runs["full"].run_dir / "logs"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    scalars, images = set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
+    view = ["l1_image", "l1_raw", "lpips_image", "lpips_raw", "depth", "feature"]
+    expected = {"loss/total", "loss/tri", "loss/gan", *(f"loss/{t}" for t in view), *(f"loss/mv_{t}" for t in view),
+                "D/logits_real", "D/logits_fake", "D/loss_real", "D/loss_fake", "D/r1",
+                "lr/student", "lr/discriminator", "val/total", "val/tri", "val/lpips_image"}
+    assert expected <= scalars, expected - scalars
+    assert "loss/id" not in scalars  # weight 0: never computed
+    assert {"train/grid", "val/grid"} <= images
+    assert [e.step for e in acc.Scalars("loss/total")] == [1, 2, 3, 4]
+    assert acc.Scalars("lr/student")[0].value == pytest.approx(1e-4)
+
+
+def test_snapshots_load_back(runs):
+    from models.checkpoint import build_models, load_checkpoint
+
+    run_dir = runs["full"].run_dir
+    assert (run_dir / "config.yaml").is_file()
+    for path in (run_dir / "final", run_dir / "3dpe.pt", run_dir / "checkpoints" / "step_00000004"):
+        ckpt = load_checkpoint(path)
+        models = build_models(ckpt)
+        assert {"encoder", "renderer"} <= set(models)
+        sd = models["encoder"].state_dict()
+        ref = runs["full"].encoder.state_dict()
+        assert all(torch.equal(sd[k], ref[k].cpu()) for k in ref)
+    from models.editor import PortraitEditor
+
+    editor = PortraitEditor.from_pretrained(run_dir / "final", device="cpu")
+    img = torch.rand(1, 3, 64, 64) * 2 - 1
+    prompt = editor.encode_prompt(reference=img)
+    planes = editor.edit(img, prompt)
+    assert planes.shape == (1, 96, 32, 32) and torch.isfinite(planes).all()
+
+
+def test_loss_falls_when_overfitting(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from training.train import main
+
+    data = make_tiny_dataset(tmp_path / "data", n_portraits=1, styles=("anime",))
+    cfg = tiny_config(data, tmp_path / "exps", "overfit", "max_steps=20", "epochs=100", "data.val_fraction=0",
+                      "data.batch_size=1", "optim.lr=1e-3", "gan.enabled=false", "loss.multiview=false",
+                      "log.val_interval=1000", "log.save_interval=1000", "log.image_interval=1000",
+                      "export_3dpe=false")
+    res = main(cfg)
+    acc = EventAccumulator(str(res.run_dir / "logs"), size_guidance={"scalars": 0})
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("loss/total")]
+    assert len(losses) == 20
+    assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:3]), losses
+
+
+DRIVER = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {root!r})
+    import torch
+    torch.set_num_threads(1)
+    from training.train import TrainConfig, main
+    from training.state import trainable_state
+    from utils.config import load_config
+    cfg = load_config(TrainConfig, {tiny!r}, sys.argv[1:])
+    res = main(cfg)
+    rank = int(os.environ["RANK"])
+    torch.save({{"student": trainable_state(res.encoder), "D": res.discriminator.state_dict(),
+                 "world": torch.distributed.get_world_size()}}, os.path.join(cfg.exp_dir, f"rank{{rank}}.pt"))
+    torch.distributed.destroy_process_group()
+""")
+
+
+def test_two_process_gloo_ranks_stay_identical(tmp_path):
+    data = make_tiny_dataset(tmp_path / "data", n_portraits=8)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(root=str(ROOT), tiny=str(TINY)))
+    exp = tmp_path / "exps"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
+           f"data.train_root={data}", f"exp_dir={exp}", "name=ddp", "max_steps=3", "log.save_interval=3",
+           "log.val_interval=3", "export_3dpe=false"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = torch.load(exp / "rank0.pt"), torch.load(exp / "rank1.pt")
+    assert r0["world"] == 2
+    assert all(torch.equal(r0["student"][k], r1["student"][k]) for k in r0["student"])
+    assert all(torch.equal(r0["D"][k], r1["D"][k]) for k in r0["D"])
+    state = torch.load(exp / "ddp" / "checkpoints" / "step_00000003" / "training_state.pt", weights_only=True)
+    assert len(state["rng"]) == 2  # both ranks' RNG streams are saved
+    # the ranks saw different data and different cameras, so their RNG streams differ
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+
+
+def test_checkpointed_rendering_gives_the_same_gradients():
+    from training.train import Student, TrainConfig, build_networks, set_trainable
+
+    cfg = TrainConfig()
+    cfg.model.tiny, cfg.model.init_checkpoint = True, ""
+    torch.manual_seed(0)
+    nets = build_networks(cfg)
+    enc, ren = nets["student"], nets["renderer"].eval().requires_grad_(False)
+    params = set_trainable(enc, ["Final_encoder", "Ref_encoder"])
+    enc.eval()
+    img, ref = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    from utils.cameras import sample_training_cameras
+
+    cams = torch.cat([sample_training_cameras(2, torch.Generator().manual_seed(0)) for _ in range(2)])
+    grads = []
+    for chunk in (0, 1):
+        tri, views = Student(enc, ren, render_chunk=chunk)(img, ref, cams, deterministic=True)
+        loss = sum(v.square().mean() for v in views.values()) + tri.abs().mean()
+        grads.append(torch.autograd.grad(loss, params))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_nets_name_missing_weights(tmp_path):
+    from training.losses import ALEXNET_URL, DistillationLoss, IDLoss, LossConfig, build_lpips
+    from utils.errors import MissingWeightsError
+
+    with pytest.raises(MissingWeightsError, match="alexnet-owt") as e:
+        build_lpips(tmp_path)
+    assert ALEXNET_URL in str(e.value)
+    with pytest.raises(MissingWeightsError, match="model_ir_se50.pth"):
+        IDLoss(tmp_path)
+    crit = DistillationLoss(LossConfig(weights_dir=str(tmp_path), lpips_random_backbone=True))
+    assert crit.id_loss is None  # weight 0: the ID net is never built

@@ -1,0 +1,107 @@
+"""Training entry point: `train`, `datagen` and `customize`, all `--config FILE` + `key.sub=value` overrides.
+
+    torchrun --nproc_per_node=8 [--nnodes N --node_rank R --rdzv_endpoint HOST:PORT] \\
+        train_scripts.py train --config configs/train.yaml name=run1
+    python train_scripts.py train --config configs/train.yaml --nproc 8      # launches torchrun itself
+    python train_scripts.py train --config configs/train.yaml                # one process
+    python train_scripts.py train --config configs/train.yaml name=run1 --resume   # newest checkpoint of run1
+    python train_scripts.py datagen --config configs/datagen.yaml
+    python train_scripts.py customize --pairs DIR --base CHECKPOINT [--instruction TEXT] [--name NAME]
+
+`--nproc` without a number uses every visible GPU (1 on a CPU machine).
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _default_nproc() -> int:
+    import torch
+
+    return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train_scripts.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("train", "distil the editing module"), ("datagen", "generate training pairs"),
+                        ("customize", "adapt a trained model to a new style from ~10 pairs")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--config", default=None, help="YAML config (default: configs/<command>.yaml)")
+        s.add_argument("--nproc", nargs="?", type=int, const=-1, default=None,
+                       help="launch torchrun with N processes on this node (no N: all visible GPUs)")
+        s.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+        if name in ("train", "customize"):
+            s.add_argument("--resume", nargs="?", const="auto", default=None,
+                           help="resume the run: no value = its newest checkpoint, or a checkpoint directory")
+        if name == "customize":
+            s.add_argument("--pairs", default=None, help="DIR with input/<stem>.png (+ edited/<stem>.png)")
+            s.add_argument("--base", default=None, help="trained 3DPE checkpoint (3dpe.pt or project format)")
+            s.add_argument("--instruction", default=None, help="edit DIR/input/ on the fly with InstructPix2Pix")
+            s.add_argument("--name", default=None, help="run name (exps/<name>/)")
+    return p
+
+
+def _launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Re-run this script under torchrun with `nproc` processes on this node (the --nproc flag removed)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(Path(__file__).resolve()), *argv]
+    return subprocess.call(cmd)
+
+
+def _strip_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            if i + 1 < len(argv) and argv[i + 1].lstrip("-").isdigit():
+                skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        out.append(a)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    from training.distributed import launched_by_torchrun
+
+    if args.nproc is not None and not launched_by_torchrun():
+        n = _default_nproc() if args.nproc < 0 else args.nproc
+        if n > 1:
+            return _launch_torchrun(n, _strip_nproc(argv))
+    config = args.config or str(ROOT / "configs" / f"{args.command}.yaml")
+    overrides = list(args.overrides)
+    if getattr(args, "resume", None):
+        overrides.append(f"{'train.' if args.command == 'customize' else ''}resume={args.resume}")
+
+    if args.command == "train":
+        from training.train import run
+
+        run(config, overrides)
+    elif args.command == "datagen":
+        from datasets.datagen import main as datagen_main
+
+        datagen_main(config, overrides)
+    else:
+        from training.customize import run as customize_run
+
+        customize_run(config, overrides, pairs=args.pairs, base=args.base, instruction=args.instruction,
+                      name=args.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

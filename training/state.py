@@ -1,0 +1,171 @@
+"""Checkpoints of a training run: atomic writes, keep the last K, and everything an exact resume needs.
+
+Layout of a run directory (`exps/<name>/`):
+
+    config.yaml                      the resolved TrainConfig
+    logs/                            TensorBoard event files
+    checkpoints/step_00001000/       one checkpoint = an inference snapshot + the training state
+        config.json, model.safetensors   project format (models.checkpoint.save_pretrained)
+        training_state.pt                student trainable params, D, optimizers, schedulers, step, epoch,
+                                         sampler position, RNG states of every rank
+    final/                           the snapshot written at the end (plus 3dpe.pt when exported)
+
+A checkpoint directory is built under a temporary name and renamed into place, so a killed run never
+leaves a half-written `step_*` behind; `latest_checkpoint` only sees complete ones.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+STATE_FILE = "training_state.pt"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """`torch.save` to a temporary file in the same folder, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------- RNG
+def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """RNG states of python, numpy, torch CPU, every CUDA device and the named generators.
+
+    Everything is stored as tensors/ints/tuples so the file loads with `weights_only=True`.
+    """
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]), float(np_state[4])),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generators": {k: g.get_state() for k, g in (generators or {}).items()},
+    }
+    return state
+
+
+def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+    """Inverse of `capture_rng`; generators are restored in place (missing names are left as they are)."""
+    random.setstate(_to_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), int(n[2]), int(n[3]), float(n[4])))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for k, g in (generators or {}).items():
+        if k in state.get("generators", {}):
+            g.set_state(state["generators"][k])
+
+
+def gather_rng(generators: dict[str, torch.Generator] | None = None) -> list[dict[str, Any]]:
+    """Every rank's `capture_rng` in rank order (call on all ranks).
+
+    States travel as `torch.save` bytes: gathering tensors inside pickled objects is fragile across torch
+    versions, bytes are not.
+    """
+    import io
+
+    from training.distributed import all_gather_object
+
+    buf = io.BytesIO()
+    torch.save(capture_rng(generators), buf)
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in all_gather_object(buf.getvalue())]
+
+
+def _to_tuple(x: Any) -> Any:
+    if isinstance(x, (list, tuple)):
+        return tuple(_to_tuple(v) for v in x)
+    return x
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def checkpoint_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `root` as (step, dir), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint directory under `root`, or None."""
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    training_state: dict[str, Any],
+    write_snapshot: Callable[[Path], None],
+    keep_last: int = 3,
+) -> Path:
+    """Write `root/step_XXXXXXXX/` atomically (snapshot via `write_snapshot(dir)` + training state).
+
+    Call on rank 0 only. Older checkpoints beyond the newest `keep_last` are deleted (0 keeps all).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir(root, step)
+    tmp = root / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    write_snapshot(tmp / "snapshot_tmp")
+    # The snapshot writer owns its own folder (it may rename into place); move its files up.
+    for f in (tmp / "snapshot_tmp").iterdir():
+        os.replace(f, tmp / f.name)
+    (tmp / "snapshot_tmp").rmdir()
+    torch.save(training_state, tmp / STATE_FILE)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep_last > 0:
+        for _, old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_training_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read `training_state.pt` from a checkpoint directory (or the file itself)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / STATE_FILE
+    return torch.load(p, map_location=map_location, weights_only=True)
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters with requires_grad=True, by name (CPU clones)."""
+    return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` into the module's trainable parameters; names must match exactly."""
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    if set(params) != set(state):
+        missing = sorted(set(params) - set(state))[:5]
+        extra = sorted(set(state) - set(params))[:5]
+        raise KeyError(f"trainable parameters differ from the checkpoint: missing {missing}, unexpected {extra}")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state[n].to(p.device, p.dtype))
