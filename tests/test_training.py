@@ -238,3 +238,44 @@ def test_loss_nets_name_missing_weights(tmp_path):
         IDLoss(tmp_path)
     crit = DistillationLoss(LossConfig(weights_dir=str(tmp_path), lpips_random_backbone=True))
     assert crit.id_loss is None  # weight 0: the ID net is never built
+
+
+def test_clip_student_takes_text_or_reference_per_sample():
+    """With the CLIP prompt encoder each sample attends to exactly one prompt: its text or its reference."""
+    from models.editing.editing_encoder import EditingEncoder, EditingEncoderConfig
+    from models.eg3d.config import RendererConfig
+    from models.eg3d.triplane_renderer import TriplaneRenderer
+    from training.train import Student
+
+    torch.manual_seed(0)
+    enc = EditingEncoder(EditingEncoderConfig.tiny("clip")).eval()
+    student = Student(enc, TriplaneRenderer(RendererConfig.tiny()).eval())
+    side = enc.config.input_resolution
+    img = torch.rand(2, 3, side, side) * 2 - 1
+    ref = torch.rand(2, 3, side, side) * 2 - 1
+    texts = ["make it gold", "a zombie"]
+    with torch.no_grad():
+        tokens, bias = student.prompt_tokens(ref, texts, torch.tensor([True, False]))
+        mixed = enc(img, tokens, bias)
+        t_tok, t_bias = enc.encode_prompt(text=texts[:1])
+        i_tok, i_bias = enc.encode_prompt(reference=ref[1:])
+        want_text = enc(img[:1], t_tok, t_bias)
+        want_image = enc(img[1:], i_tok, i_bias)
+    assert torch.allclose(mixed[:1], want_text, atol=1e-5)
+    assert torch.allclose(mixed[1:], want_image, atol=1e-5)
+    assert not torch.allclose(want_text, enc(img[:1], *enc.encode_prompt(reference=ref[:1])), atol=1e-4)
+
+
+def test_clip_prompt_training_runs_and_reloads(tmp_path):
+    """The loop with the CLIP prompt encoder (text or reference per sample) runs; its snapshot reloads as CLIP."""
+    from models.checkpoint import build_models, load_checkpoint
+    from training.train import main
+
+    data = make_tiny_dataset(tmp_path / "data", n_portraits=2, styles=("anime",))
+    cfg = tiny_config(data, tmp_path / "exps", "clip", "model.prompt_encoder=clip", "max_steps=12", "epochs=100",
+                      "data.val_fraction=0", "data.batch_size=2", "optim.lr=1e-3", "gan.enabled=false",
+                      "loss.multiview=false", "log.val_interval=1000", "log.save_interval=1000",
+                      "log.image_interval=1000", "export_3dpe=false")
+    res = main(cfg)
+    models = build_models(load_checkpoint(res.run_dir / "final"))
+    assert models["encoder"].config.prompt_encoder == "clip"

@@ -64,6 +64,7 @@ class ModelConfig:
     student_checkpoint: str = ""                # start the student (+ renderer) from a 3DPE/project checkpoint
     mae_pretrain: str = ""                      # e.g. pretrained_models/mae_pretrain_vit_base.pth (MAE branch)
     prompt_encoder: str = "mae"                 # 'mae' | 'clip'
+    text_prompt_prob: float = 0.5               # clip: chance that a sample's prompt is its instruction text
     trainable: list[str] = field(default_factory=lambda: ["Final_encoder", "Ref_encoder"])
     frozen_dropout: bool = False                # True: frozen ASPP dropout stays active, as in the original
     find_unused_parameters: bool = False        # DDP option (needed when a trainable branch can go unused)
@@ -146,8 +147,12 @@ class Student(nn.Module):
         self.render_chunk = render_chunk
 
     def forward(self, image: torch.Tensor, reference: torch.Tensor, cameras: torch.Tensor,
-                deterministic: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        tokens, bias = self.encoder.encode_prompt(reference=reference)
+                deterministic: bool = False, texts: list[str] | None = None,
+                use_text: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if texts is None or use_text is None:
+            tokens, bias = self.encoder.encode_prompt(reference=reference)
+        else:
+            tokens, bias = self.prompt_tokens(reference, texts, use_text)
         tri = self.encoder(image, tokens, bias)
         views = cameras.shape[0] // tri.shape[0]
         planes = tri if views == 1 else tri.repeat(views, 1, 1, 1)
@@ -164,6 +169,23 @@ class Student(nn.Module):
         parts = [checkpoint(render, planes[i:i + self.render_chunk], cameras[i:i + self.render_chunk],
                             use_reentrant=False) for i in range(0, planes.shape[0], self.render_chunk)]
         return tri, {k: torch.cat([p[j] for p in parts]) for j, k in enumerate(RENDER_KEYS)}
+
+
+    def prompt_tokens(self, reference: torch.Tensor, texts: list[str],
+                      use_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP prompts, per sample either the instruction text (use_text[i]) or the reference image.
+
+        Both are encoded for every sample (image tokens first, then text tokens) and the unused part is masked
+        with a -inf attention bias, so every sample's attention sees exactly one prompt and both projections
+        stay in the graph (DDP needs no unused-parameter search).
+        """
+        tokens, bias = self.encoder.encode_prompt(reference=reference, text=list(texts))
+        n_img = self.encoder.prompt_encoder.num_image_tokens
+        mask = torch.zeros_like(bias)
+        t = use_text.to(bias.device, torch.bool)
+        mask[t, :n_img] = float("-inf")
+        mask[~t, n_img:] = float("-inf")
+        return tokens, bias + mask
 
 
 RENDER_KEYS = ("image", "image_raw", "image_depth", "feature_image")
@@ -183,7 +205,9 @@ class IndexedEpochs(Dataset):
         if hasattr(self.base, "set_epoch"):
             self.base.set_epoch(epoch)
         item = self.base[index]
-        return {k: item[k] for k in ("input", "target", "reference", "camera")}
+        out = {k: item[k] for k in ("input", "target", "reference", "camera")}
+        out["instruction"] = str(item.get("instruction") or item.get("edit_type") or "")
+        return out
 
 
 class ResumableSampler(DistributedSampler):
@@ -436,7 +460,7 @@ def main(cfg: TrainConfig, train_set: Dataset | None = None, val_set: Dataset | 
     trainable_names = list(cfg.model.trainable)
 
     def to_dev(batch: dict) -> dict:
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def cameras_for(batch: dict, gen: torch.Generator) -> torch.Tensor:
         from utils.cameras import sample_training_cameras
@@ -518,12 +542,16 @@ def main(cfg: TrainConfig, train_set: Dataset | None = None, val_set: Dataset | 
             batch = to_dev(batch)
             n = batch["input"].shape[0]
             cams = cameras_for(batch, cam_gen)
+            prompt_kw: dict = {}
+            if cfg.model.prompt_encoder == "clip":  # each sample: its instruction text or the reference image
+                use_text = torch.rand(n, generator=cam_gen) < cfg.model.text_prompt_prob
+                prompt_kw = {"texts": list(batch["instruction"]), "use_text": use_text.to(device)}
 
             # Teacher: the 2D-edited target lifted to 3D, rendered at both cameras (no graph kept).
             t_tri, t_views = teacher_views(batch["target"], cams, deterministic=False)
             # Student: through the DDP wrapper so gradients are averaged over ranks.
             with autocast():
-                s_tri, s_views = student_ddp(batch["input"], batch["reference"], cams)
+                s_tri, s_views = student_ddp(batch["input"], batch["reference"], cams, **prompt_kw)
             loss, terms = loss_fn(s_tri, t_tri, s_views, t_views, n)
             logs: dict[str, float] = {}
 
