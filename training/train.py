@@ -65,6 +65,8 @@ class ModelConfig:
     mae_pretrain: str = ""                      # e.g. pretrained_models/mae_pretrain_vit_base.pth (MAE branch)
     prompt_encoder: str = "mae"                 # 'mae' | 'clip'
     text_prompt_prob: float = 0.5               # clip: chance that a sample's prompt is its instruction text
+    clip_model: str = "ViT-B-16"                # clip: open_clip architecture
+    clip_pretrained: str = "pretrained_models/open_clip_vit_b16.bin"  # clip: tower weights (file, folder or tag)
     trainable: list[str] = field(default_factory=lambda: ["Final_encoder", "Ref_encoder"])
     frozen_dropout: bool = False                # True: frozen ASPP dropout stays active, as in the original
     find_unused_parameters: bool = False        # DDP option (needed when a trainable branch can go unused)
@@ -242,7 +244,7 @@ def build_networks(cfg: TrainConfig) -> dict[str, Any]:
         t_cfg = enc_cfg.live3d
         d_cfg = DiscriminatorConfig.tiny(r_cfg.img_resolution)
     else:
-        enc_cfg = EditingEncoderConfig(prompt_encoder=m.prompt_encoder)
+        enc_cfg = EditingEncoderConfig(prompt_encoder=m.prompt_encoder, clip={"model_name": m.clip_model})
         r_cfg = RendererConfig()
         t_cfg = Live3DConfig("LT")
         d_cfg = DiscriminatorConfig(img_resolution=r_cfg.img_resolution)
@@ -268,6 +270,12 @@ def build_networks(cfg: TrainConfig) -> dict[str, Any]:
             raise ConfigError("model.mae_pretrain is set but model.prompt_encoder is not 'mae'")
         student.prompt_encoder.load_official_mae(m.mae_pretrain)
         source["mae_pretrain"] = str(m.mae_pretrain)
+    if m.prompt_encoder == "clip" and m.clip_pretrained and not m.tiny:
+        # Tower weights are loaded here, not through the config: the snapshot holds them, so inference needs no file.
+        from models.editing.clip_prompt import load_open_clip_weights
+
+        source["clip_pretrained"] = load_open_clip_weights(student.prompt_encoder.clip, m.clip_model,
+                                                           m.clip_pretrained)
     if m.student_checkpoint:
         from models.checkpoint import load_checkpoint
 
