@@ -1,7 +1,6 @@
 """EG3D models on tiny configs: shapes, key lists, gradients, determinism, fast paths vs reference maths."""
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch
@@ -38,18 +37,8 @@ def test_renderer_keys_match_original(keys_dir):
     assert list(tiny.state_dict()) == [k for k, _ in expected]
 
 
-def _g_ema_keys(reference_dir) -> list[tuple[str, tuple[int, ...]]]:
-    text = (reference_dir / "eg3d.md").read_text()
-    block = text.split("### G_ema state_dict")[1].split("```")[1]
-    rows = []
-    for line in block.strip().splitlines():
-        m = re.match(r"(\S+) \[([\d, ]*)\]", line.strip())
-        rows.append((m.group(1), tuple(int(s) for s in m.group(2).split(",") if s.strip())))
-    return rows
-
-
-def test_generator_keys_match_g_ema(reference_dir):
-    expected = _g_ema_keys(reference_dir)
+def test_generator_keys_match_g_ema(keys_dir):
+    expected = read_key_list(keys_dir / "eg3d_G_ema_state_dict.tsv")  # the list of reference/eg3d.md §4
     assert len(expected) == 177
     with torch.device("meta"):
         g = TriPlaneGenerator(GeneratorConfig())
