@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 import traceback
 import zlib
@@ -40,6 +39,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from utils.atomic import atomic_write
 from utils.config import load_config, save_config
 from utils.device import resolve_device
 from utils.errors import ConfigError
@@ -185,20 +185,8 @@ def stable_seed(*parts: Any) -> int:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path, "wb", fsync=True) as fh:
+        fh.write(data)
 
 
 def _append_lines(path: Path, records: Iterable[dict]) -> None:

@@ -6,7 +6,6 @@ Project convention: images are float tensors in [-1,1], N×3×H×W; they are wri
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Union
 
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from utils.atomic import atomic_write
 from utils.errors import BadImageError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -182,25 +182,10 @@ def save_png(path: str | os.PathLike, image: ImageLike, compress_level: int = 1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pil = to_pil(image)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pil.save(fh, format="PNG", compress_level=compress_level)
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path, "wb", prefix=f".{path.stem}.", suffix=".tmp.png") as fh:
+        pil.save(fh, format="PNG", compress_level=compress_level)
     return path
 
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def list_images(directory: str | os.PathLike) -> list[Path]:

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from utils.atomic import atomic_write
 from utils.errors import BadImageError, NoFaceError
 from utils.face_alignment import FileLandmarks, LandmarkDetector, MTCNNDetector, align_face
 from utils.image_io import IMAGE_EXTENSIONS, list_images, load_image, save_png
@@ -68,18 +67,8 @@ class Summary:
 
 
 def _write_json_atomic(path: Path, obj: object) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".dataset.", suffix=".json.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path, "w", prefix=".dataset.", suffix=".json.tmp") as fh:
+        json.dump(obj, fh, indent=1)
 
 
 def run(
