@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from datasets.inference_inputs import build_jobs
+    from datasets.instruct_pix2pix import bridge_from_args
     from models.editor import PortraitEditor
     from utils.cameras import orbit_cameras, original_test_cameras
     from utils.device import resolve_device
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     needs_text = args.prompt is not None or args.prompts_file is not None or (
         not (Path(args.data_dir) / "ref").is_dir() and (Path(args.data_dir) / "prompts.txt").is_file())
-    bridge = _LazyBridge(args, device) if needs_text else None
+    bridge = bridge_from_args(args, device) if needs_text else None
 
     if args.random_init:
         editor = PortraitEditor.random_init(kind=args.random_init_kind, tiny=args.tiny, seed=args.seed,
@@ -135,23 +136,6 @@ def _batches(jobs, size):
         batch.append(job)
     if batch:
         yield batch
-
-
-class _LazyBridge:
-    """Builds the InstructPix2Pix editor on first use (text prompt with a MAE checkpoint)."""
-
-    def __init__(self, args, device):
-        self.args, self.device, self._editor = args, device, None
-
-    def __call__(self, images, instructions):
-        if self._editor is None:
-            from datasets.instruct_pix2pix import InstructPix2PixConfig, InstructPix2PixEditor
-
-            cfg = InstructPix2PixConfig(model=self.args.ip2p_model, steps=self.args.ip2p_steps,
-                                        guidance_scale=self.args.ip2p_guidance,
-                                        image_guidance_scale=self.args.ip2p_image_guidance, seed=self.args.seed)
-            self._editor = InstructPix2PixEditor(cfg, device=self.device)
-        return self._editor(images, instructions, seeds=[self.args.seed] * len(instructions))
 
 
 class _Runner:

@@ -253,3 +253,26 @@ def build_tiny_instruct_pix2pix(seed: int = 0, device: str | torch.device | None
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(resolve_device(device))
+
+
+class LazyInstructPix2Pix:
+    """The InstructPix2Pix bridge for text prompts with MAE checkpoints, built on first use.
+
+    `bridge(images N×3×H×W in [-1,1], instructions) -> N×3×H×W` edits with `cfg.seed` for every sample, so the
+    pipeline (GBs of weights) is only loaded when a text prompt actually needs it.
+    """
+
+    def __init__(self, cfg: InstructPix2PixConfig, device: str | torch.device | None = None):
+        self.cfg, self.device, self._editor = cfg, device, None
+
+    def __call__(self, images: torch.Tensor, instructions: Sequence[str]) -> torch.Tensor:
+        if self._editor is None:
+            self._editor = InstructPix2PixEditor(self.cfg, device=self.device)
+        return self._editor(images, list(instructions), seeds=[self.cfg.seed] * len(instructions))
+
+
+def bridge_from_args(args: Any, device: str | torch.device | None = None) -> LazyInstructPix2Pix:
+    """The bridge from the CLIs' shared options (`--ip2p-model/-steps/-guidance/-image-guidance`, `--seed`)."""
+    return LazyInstructPix2Pix(InstructPix2PixConfig(
+        model=args.ip2p_model, steps=args.ip2p_steps, guidance_scale=args.ip2p_guidance,
+        image_guidance_scale=args.ip2p_image_guidance, seed=args.seed), device=device)

@@ -343,10 +343,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from models.editor import PortraitEditor
     from utils.device import resolve_device
-    from utils.edit_video import _LazyBridge
+    from datasets.instruct_pix2pix import bridge_from_args
 
     device = resolve_device(args.device)
-    bridge = _LazyBridge(args, device)
+    bridge = bridge_from_args(args, device)
     if args.random_init:
         editor = PortraitEditor.random_init(tiny=args.tiny, seed=args.seed, prompt_encoder=args.prompt_encoder,
                                             device=device, precision=args.precision, text_bridge=bridge)

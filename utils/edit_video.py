@@ -500,23 +500,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class _LazyBridge:
-    """Builds the InstructPix2Pix editor on first use (a text prompt with a MAE checkpoint)."""
-
-    def __init__(self, args: argparse.Namespace, device: torch.device):
-        self.args, self.device, self._editor = args, device, None
-
-    def __call__(self, images: torch.Tensor, instructions: list[str]) -> torch.Tensor:
-        if self._editor is None:
-            from datasets.instruct_pix2pix import InstructPix2PixConfig, InstructPix2PixEditor
-
-            cfg = InstructPix2PixConfig(model=self.args.ip2p_model, steps=self.args.ip2p_steps,
-                                        guidance_scale=self.args.ip2p_guidance,
-                                        image_guidance_scale=self.args.ip2p_image_guidance, seed=self.args.seed)
-            self._editor = InstructPix2PixEditor(cfg, device=self.device)
-        return self._editor(images, instructions, seeds=[self.args.seed] * len(instructions))
-
-
 def build_prompt(editor: Any, ref: str | Path | None, text: str | None, size: int | None = None) -> PromptLike:
     """The prompt for `edit_video`: an embedding computed now (reference image, centre-cropped and
     resized to `size` or the editor's input resolution; CLIP text), a callable that edits the first
@@ -545,6 +528,7 @@ def build_prompt(editor: Any, ref: str | Path | None, text: str | None, size: in
 def main(argv: list[str] | None = None) -> dict:
     """Run the CLI; print and return the summary dict (`ok` False on a user error, with `error`)."""
     args = parse_args(argv)
+    from datasets.instruct_pix2pix import bridge_from_args
     from models.editor import PortraitEditor
     from utils.device import resolve_device
     from utils.errors import ThreeDPEError
@@ -558,7 +542,7 @@ def main(argv: list[str] | None = None) -> dict:
         return fail(f"video '{args.video}' not found")
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    bridge = _LazyBridge(args, device) if args.prompt is not None else None
+    bridge = bridge_from_args(args, device) if args.prompt is not None else None
     try:
         if args.random_init:
             editor = PortraitEditor.random_init(kind=args.random_init_kind, tiny=args.tiny, seed=args.seed,
