@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils.batching import broadcast_list
 from utils.device import resolve_device
 from utils.errors import BadImageError, ConfigError, MissingWeightsError
 
@@ -111,17 +112,6 @@ def _to_batch(images: torch.Tensor | Sequence[Any]) -> torch.Tensor:
     return x / 127.5 - 1.0
 
 
-def _as_list(value: Any, n: int, what: str) -> list:
-    if isinstance(value, (str, int)):
-        return [value] * n
-    value = list(value)
-    if len(value) == 1 and n > 1:
-        value = value * n
-    if len(value) != n:
-        raise ValueError(f"{n} images but {len(value)} {what}")
-    return value
-
-
 class InstructPix2PixEditor:
     """Edits images with text instructions. Call: images + instructions (+ seeds) → edited images."""
 
@@ -163,8 +153,8 @@ class InstructPix2PixEditor:
         x = _to_batch(images)
         out_device = x.device if isinstance(images, torch.Tensor) else torch.device("cpu")
         n, _, h, w = x.shape
-        prompts = [str(p) for p in _as_list(instructions, n, "instructions")]
-        seeds = [int(s) for s in _as_list(self.cfg.seed if seeds is None else seeds, n, "seeds")]
+        prompts = [str(p) for p in broadcast_list(instructions, n, "instructions")]
+        seeds = [int(s) for s in broadcast_list(self.cfg.seed if seeds is None else seeds, n, "seeds")]
         wh, ww = self._work_size(h, w)
         x01 = (x.clamp(-1, 1) + 1) * 0.5
         if (wh, ww) != (h, w):

@@ -15,16 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.editing.clip_prompt import DEFAULT_CLIP_WEIGHTS, build_open_clip, clip_preprocess, clip_tokenizer
+from utils.batching import broadcast_list
 from utils.device import resolve_device
-
-
-def _broadcast(texts: Sequence[str] | str, n: int) -> list[str]:
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    if len(texts) == 1 and n > 1:
-        texts = texts * n
-    if len(texts) != n:
-        raise ValueError(f"expected {n} texts (or one), got {len(texts)}")
-    return texts
 
 
 class ClipScorer:
@@ -81,12 +73,12 @@ class ClipScorer:
 
     def image_text_similarity(self, images: torch.Tensor, texts: Sequence[str] | str) -> torch.Tensor:
         """Cosine between image i and text i (one text is broadcast): N in [-1,1]."""
-        texts = _broadcast(texts, images.shape[0])
+        texts = broadcast_list(texts, images.shape[0], "texts")
         return (self.image_embeddings(images) * self.text_embeddings(texts)).sum(-1).clamp(-1, 1)
 
     def text_direction(self, src_texts: Sequence[str] | str, tgt_texts: Sequence[str] | str, n: int) -> torch.Tensor:
         """T(tgt) - T(src) for n samples (texts broadcast): N×D, not normalised."""
-        return self.text_embeddings(_broadcast(tgt_texts, n)) - self.text_embeddings(_broadcast(src_texts, n))
+        return self.text_embeddings(broadcast_list(tgt_texts, n, "texts")) - self.text_embeddings(broadcast_list(src_texts, n, "texts"))
 
     def directional_similarity(self, src_images: torch.Tensor, edit_images: torch.Tensor,
                                src_texts: Sequence[str] | str, tgt_texts: Sequence[str] | str) -> torch.Tensor:
