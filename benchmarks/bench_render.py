@@ -11,27 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from common import ROOT, emit, machine_info, peak_memory_mb, sync
-
-
-def _time(fn, device, repeats: int) -> dict:
-    fn()  # warm-up (also fills the super-resolution weight cache)
-    sync(device)
-    wall, cpu = [], []
-    for _ in range(repeats):
-        c0, t0 = time.process_time(), time.perf_counter()
-        fn()
-        sync(device)
-        wall.append((time.perf_counter() - t0) * 1000)
-        cpu.append((time.process_time() - c0) * 1000)
-    return {"median_ms": round(statistics.median(wall), 1), "min_ms": round(min(wall), 1),
-            "cpu_median_ms": round(statistics.median(cpu), 1), "runs_ms": [round(t, 1) for t in wall]}
+from common import ROOT, emit, machine_info, peak_memory_mb, time_ms
 
 
 def main() -> None:
@@ -73,8 +57,8 @@ def main() -> None:
     with torch.inference_mode():
         for threads in thread_list:
             torch.set_num_threads(threads)
-            batched = _time(lambda: renderer(planes, cams), device, args.repeats)
-            single = _time(lambda: [renderer(planes, cams[i:i + 1]) for i in range(n_views)], device, args.repeats)
+            batched = time_ms(lambda: renderer(planes, cams), device, args.repeats)  # warm-up fills the SR cache
+            single = time_ms(lambda: [renderer(planes, cams[i:i + 1]) for i in range(n_views)], device, args.repeats)
             results["by_threads"][str(threads)] = {
                 "batched_ms_per_view": round(batched["median_ms"] / n_views, 1),
                 "batched_cpu_ms_per_view": round(batched["cpu_median_ms"] / n_views, 1),

@@ -17,28 +17,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from common import emit, machine_info, peak_memory_mb, sync  # noqa: E402  (puts the repo root on sys.path)
+from common import emit, machine_info, peak_memory_mb, time_ms  # noqa: E402  (puts the repo root on sys.path)
 from datasets.instruct_pix2pix import (InstructPix2PixConfig, InstructPix2PixEditor,  # noqa: E402
                                        build_clip_tokenizer, build_tiny_instruct_pix2pix)
 from models.editing.clip_prompt import ClipPromptConfig, ClipPromptEncoder, tiny_open_clip_config  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
-
-
-_CPU_MS: list[float] = []  # process CPU time of the last `_time_ms` call, per repeat
-
-
-def _time_ms(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Wall ms per call. Also records process CPU ms per call in `_CPU_MS[-1]`: on a shared CPU, wall time
-    grows with the load, while CPU time / threads is roughly the wall time the call takes on idle cores."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    t, c = time.perf_counter(), time.process_time()
-    for _ in range(repeats):
-        fn()
-    sync(device)
-    _CPU_MS.append((time.process_time() - c) * 1000 / repeats)
-    return (time.perf_counter() - t) * 1000 / repeats
 
 
 def bench_clip(device: torch.device, repeats: int) -> dict:
@@ -56,11 +39,11 @@ def bench_clip(device: torch.device, repeats: int) -> dict:
         build_s = time.perf_counter() - t0
         image = torch.rand(1, 3, 512, 512, device=device) * 2 - 1
         with torch.inference_mode():
-            text_ms = _time_ms(lambda: enc.encode_text(text), device, repeats)
-            text_cpu = _CPU_MS[-1]
-            image_ms = _time_ms(lambda: enc.encode_image(image), device, repeats)
-            image_cpu = _CPU_MS[-1]
-            mixed_ms = _time_ms(lambda: enc.encode(image, text), device, repeats)
+            t_text = time_ms(lambda: enc.encode_text(text), device, repeats)
+            t_image = time_ms(lambda: enc.encode_image(image), device, repeats)
+            text_ms, text_cpu = t_text["median_ms"], t_text["cpu_median_ms"]
+            image_ms, image_cpu = t_image["median_ms"], t_image["cpu_median_ms"]
+            mixed_ms = time_ms(lambda: enc.encode(image, text), device, repeats)["median_ms"]
             tokens, _ = enc.encode(image, text)
         out[name] = {"build_s": round(build_s, 2), "ms_per_text_prompt": round(text_ms, 2),
                      "ms_per_image_prompt_512px": round(image_ms, 2), "ms_per_image_plus_text": round(mixed_ms, 2),
@@ -108,8 +91,8 @@ def bench_ip2p(device: torch.device, full: bool) -> dict:
     pipe = build_tiny_instruct_pix2pix(seed=0, device=device)
     editor = InstructPix2PixEditor.from_pipeline(pipe, InstructPix2PixConfig(resolution=64, steps=20))
     x = torch.rand(1, 3, 64, 64, device=device) * 2 - 1
-    ms = _time_ms(lambda: editor(x, "make it red"), device, repeats=3)
-    out["tiny_64px_20steps"] = {"ms_per_edit": round(ms, 1), "cpu_ms_per_edit": round(_CPU_MS[-1], 1)}
+    t = time_ms(lambda: editor(x, "make it red"), device, repeats=3)
+    out["tiny_64px_20steps"] = {"ms_per_edit": round(t["median_ms"], 1), "cpu_ms_per_edit": round(t["cpu_median_ms"], 1)}
     if not full:
         return out
 
@@ -122,18 +105,18 @@ def bench_ip2p(device: torch.device, full: bool) -> dict:
                  "unet_params_M": round(sum(p.numel() for p in pipe.unet.parameters()) / 1e6, 1)}
     if device.type == "cuda":
         editor = InstructPix2PixEditor.from_pipeline(pipe, InstructPix2PixConfig(resolution=512, steps=20))
-        res["ms_per_edit_20steps"] = round(_time_ms(lambda: editor(x, "make it red"), device, repeats=2), 1)
+        res["ms_per_edit_20steps"] = round(time_ms(lambda: editor(x, "make it red"), device, repeats=2)["median_ms"], 1)
         res["measured"] = "full 20-step edits"
     else:
         editor = InstructPix2PixEditor.from_pipeline(pipe, InstructPix2PixConfig(resolution=512, steps=1))
-        one_step_ms = _time_ms(lambda: editor(x, "make it red"), device, repeats=1, warmup=0)
-        one_step_cpu = _CPU_MS[-1]
+        t1 = time_ms(lambda: editor(x, "make it red"), device, repeats=1, warmup=0)
+        one_step_ms, one_step_cpu = t1["median_ms"], t1["cpu_median_ms"]
         lat = torch.randn(3, 8, 64, 64, dtype=dtype, device=device)
         emb = torch.randn(3, 77, 768, dtype=dtype, device=device)
         t = torch.tensor([500.0], device=device)
         with torch.inference_mode():
-            step_ms = _time_ms(lambda: pipe.unet(lat, t, encoder_hidden_states=emb), device, repeats=1, warmup=0)
-        step_cpu = _CPU_MS[-1]
+            t_step = time_ms(lambda: pipe.unet(lat, t, encoder_hidden_states=emb), device, repeats=1, warmup=0)
+        step_ms, step_cpu = t_step["median_ms"], t_step["cpu_median_ms"]
         res.update({
             "cpu_ms_1step_edit": round(one_step_cpu, 0),
             "cpu_ms_per_step_unet": round(step_cpu, 0),

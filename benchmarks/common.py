@@ -47,18 +47,23 @@ def sync(device: torch.device) -> None:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1) -> dict:
-    """Median / min / all of `repeats` runs of fn() in milliseconds, after `warmup` runs."""
+    """Median / min / all of `repeats` runs of fn() in wall milliseconds, after `warmup` runs.
+
+    Also the median process CPU time per run (`cpu_median_ms`): on a shared CPU the wall time grows with the
+    load, while CPU time / threads stays close to the wall time the call takes on idle cores.
+    """
     for _ in range(warmup):
         fn()
     sync(device)
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
         sync(device)
         times.append((time.perf_counter() - t0) * 1000)
+        cpu.append((time.process_time() - c0) * 1000)
     return {"median_ms": round(statistics.median(times), 2), "min_ms": round(min(times), 2),
-            "runs_ms": [round(t, 2) for t in times]}
+            "cpu_median_ms": round(statistics.median(cpu), 2), "runs_ms": [round(t, 2) for t in times]}
 
 
 def reset_peak_memory(device: torch.device) -> None:
