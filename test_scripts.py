@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from datasets.inference_inputs import build_jobs
-    from datasets.instruct_pix2pix import bridge_from_args
-    from models.editor import PortraitEditor
+    from pipelines.instruct_pix2pix import bridge_from_args
+    from pipelines.editor import PortraitEditor
     from utils.cameras import orbit_cameras, original_test_cameras
     from utils.device import resolve_device
     from utils.errors import ThreeDPEError

@@ -76,7 +76,7 @@ def _strip_nproc(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    from training.distributed import launched_by_torchrun
+    from utils.distributed import launched_by_torchrun
 
     if args.nproc is not None and not launched_by_torchrun():
         n = _default_nproc() if args.nproc < 0 else args.nproc
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run(config, overrides)
     elif args.command == "datagen":
-        from datasets.datagen import main as datagen_main
+        from pipelines.datagen import main as datagen_main
 
         datagen_main(config, overrides)
     else:

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_datagen.py [--device cpu|cuda] [--real-size] [--steps 20] [--out FILE]
 
-Tiny: a whole `datasets.datagen` run with configs/datagen_tiny.yaml (tiny random EG3D, InstructPix2Pix and
+Tiny: a whole `pipelines.datagen` run with configs/datagen_tiny.yaml (tiny random EG3D, InstructPix2Pix and
 CLIP; 64 px) — end-to-end edits (variants) per second and InstructPix2Pix-only edits per second.
 Real size (--real-size): the SD-1.5 InstructPix2Pix architecture with random weights at 512 px (timings do
 not depend on the values): one UNet evaluation of the 3-way guided batch, VAE encode and decode, timed
@@ -31,7 +31,7 @@ SD15_VAE = dict(
 
 
 def bench_tiny(device: torch.device, seeds: str) -> dict:
-    from datasets.datagen import main
+    from pipelines.datagen import main
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"output_dir={tmp}", f"device={device}", f"source.seeds={seeds}"]

@@ -24,7 +24,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main() -> None:
-    from models.editor import PortraitEditor
+    from pipelines.editor import PortraitEditor
     from utils.cameras import original_test_cameras
     from utils.device import resolve_device
     from utils.image_io import save_png, tensor_to_uint8

@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from common import emit, machine_info, peak_memory_mb, time_ms  # noqa: E402  (puts the repo root on sys.path)
-from datasets.instruct_pix2pix import (InstructPix2PixConfig, InstructPix2PixEditor,  # noqa: E402
+from pipelines.instruct_pix2pix import (InstructPix2PixConfig, InstructPix2PixEditor,  # noqa: E402
                                        build_clip_tokenizer, build_tiny_instruct_pix2pix)
 from models.editing.clip_prompt import ClipPromptConfig, ClipPromptEncoder, tiny_open_clip_config  # noqa: E402
 from utils.device import resolve_device  # noqa: E402

@@ -1,4 +1,4 @@
-"""Video editing throughput and temporal stability (utils.edit_video on an in-memory synthetic clip).
+"""Video editing throughput and temporal stability (tools.edit_video on an in-memory synthetic clip).
 
     python benchmarks/bench_video.py [--device cpu|cuda] [--frames 6] [--batch-size 1 4] [--out FILE]
     python benchmarks/bench_video.py --checkpoint pretrained_models/3dpe.pt   # real weights: stability is meaningful
@@ -59,7 +59,7 @@ def crop_jitter(frames: list[np.ndarray], detector, radius: int, side: int = 256
     """Mean |Δ| (uint8 levels) between consecutive aligned crops, with centred-window smoothing ±radius."""
     from PIL import Image
 
-    from utils import edit_video as ev
+    from tools import edit_video as ev
     from utils.face_alignment import crop_box, crop_image
 
     sm = ev.CentredWindowSmoother(radius)
@@ -75,8 +75,8 @@ def crop_jitter(frames: list[np.ndarray], detector, radius: int, side: int = 256
 
 
 def main() -> None:
-    from models.editor import PortraitEditor
-    from utils import edit_video as ev
+    from pipelines.editor import PortraitEditor
+    from tools import edit_video as ev
     from utils.device import resolve_device
     from utils.face_alignment import MTCNNDetector
 

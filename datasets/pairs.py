@@ -18,7 +18,6 @@ manifest (its `kept` records) any file names work. One item per (input, style) p
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +27,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from datasets.layout import DEFAULT_VOCABULARY, load_vocabulary, read_dataset_labels, read_jsonl
 from utils.errors import ConfigError
 
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_VOCABULARY = _REPO_ROOT / "configs" / "edit_vocabulary.yaml"
 
 
 @dataclass(frozen=True)
@@ -54,21 +52,7 @@ def _image_files(root: Path) -> list[str]:
     return sorted(out)
 
 
-def _read_labels(path: Path) -> dict[str, list[float]]:
-    if not path.is_file():
-        raise ConfigError(f"'{path}' not found: a 3DPE/EG3D dataset folder has a dataset.json of camera labels "
-                          "(point the reader at the folder that holds it, e.g. 3dpe_dataset/train)")
-    data = json.loads(path.read_text())
-    labels = data.get("labels", data) if isinstance(data, dict) else data
-    if not labels:
-        raise ConfigError(f"'{path}' has no labels")
-    items = labels.items() if isinstance(labels, dict) else labels
-    return {str(k).replace("\\", "/"): [float(v) for v in lab] for k, lab in items}
-
-
 def _read_manifest(root: Path) -> list[dict]:
-    from datasets.datagen import read_jsonl  # the one jsonl reader (tolerates a torn last line)
-
     merged = root / "manifest.jsonl"
     if merged.is_file():
         return read_jsonl(merged)
@@ -85,8 +69,6 @@ def _load_vocabulary(vocabulary: str | os.PathLike | None) -> dict[str, list[str
     p = Path(vocabulary)
     if not p.is_file():
         return {}
-    from datasets.datagen import load_vocabulary
-
     return {name: et.instructions for name, et in load_vocabulary(p).items()}
 
 
@@ -119,7 +101,7 @@ class EditPairsDataset(Dataset):
         self.resolution = int(resolution)
         self.seed = int(seed)
         self.epoch = 0
-        self.labels = _read_labels(self.root / "dataset.json")
+        self.labels = read_dataset_labels(self.root / "dataset.json")
         has_manifest = (self.root / "manifest.jsonl").is_file() or any(self.root.glob("manifest.*.jsonl"))
         if manifest is True and not has_manifest:
             raise ConfigError(f"manifest=True but '{self.root}' has no manifest.jsonl")

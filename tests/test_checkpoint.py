@@ -141,13 +141,13 @@ def test_unknown_and_missing(tmp_path):
 # tiny models: conversion round trips
 # ------------------------------------------------------------------------------------------------------------
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "utils.convert_checkpoint", *map(str, args)], cwd=ROOT, env=CLI_ENV,
+    return subprocess.run([sys.executable, "-m", "tools.convert_checkpoint", *map(str, args)], cwd=ROOT, env=CLI_ENV,
                           capture_output=True, text=True, timeout=300)
 
 
 def run_main(capsys, *args: str) -> tuple[int, str]:
     """The same CLI in-process (cheaper than a subprocess): (exit code, stderr)."""
-    from utils.convert_checkpoint import main
+    from tools.convert_checkpoint import main
 
     rc = main([str(a) for a in args])
     return rc, capsys.readouterr().err

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models.editing.clip_prompt import build_open_clip, tiny_open_clip_config
-from utils.clip_scores import ClipScorer
+from pipelines.clip_scores import ClipScorer
 from utils.errors import MissingWeightsError
 
 

@@ -87,7 +87,7 @@ def test_customize_cli_writes_a_loadable_checkpoint(tmp_path, base_checkpoint):
     new = models["encoder"].state_dict()
     assert any(not torch.equal(new[k], base[k]) for k in base if k.startswith("Final_encoder."))
     assert all(torch.equal(new[k], base[k]) for k in base if k.startswith(("encoder.", "F_encoder.", "EHigh_encoder.")))
-    from models.editor import PortraitEditor
+    from pipelines.editor import PortraitEditor
 
     editor = PortraitEditor.from_pretrained(out, device="cpu")
     img = torch.rand(1, 3, 64, 64) * 2 - 1
@@ -95,7 +95,7 @@ def test_customize_cli_writes_a_loadable_checkpoint(tmp_path, base_checkpoint):
 
 
 def test_customize_with_an_instruction(tmp_path, base_checkpoint):
-    from datasets.instruct_pix2pix import InstructPix2PixConfig, InstructPix2PixEditor, build_tiny_instruct_pix2pix
+    from pipelines.instruct_pix2pix import InstructPix2PixConfig, InstructPix2PixEditor, build_tiny_instruct_pix2pix
     from training.customize import run
 
     pairs = _pairs(tmp_path / "pairs", n=2, with_edits=False)

@@ -17,8 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets import datagen
-from datasets.datagen import Components, DatagenConfig, main
+from pipelines import datagen
+from datasets.layout import load_vocabulary, read_jsonl
+from pipelines.datagen import Components, DatagenConfig, main
 from utils.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +103,7 @@ def test_killed_run_resumes_without_duplicates(tmp_path, comps, full_run) -> Non
 
     with pytest.raises(KeyboardInterrupt):
         main(TINY, [f"output_dir={out}"], components=comps, on_unit_done=killer)
-    assert len(datagen.read_jsonl(out / "manifest.0.jsonl")) == 3 * VARIANTS
+    assert len(read_jsonl(out / "manifest.0.jsonl")) == 3 * VARIANTS
     assert not _temps(out)
     # what a hard kill can leave behind: a torn manifest line and a half-written temporary
     with open(out / "manifest.0.jsonl", "a") as fh:
@@ -114,7 +115,7 @@ def test_killed_run_resumes_without_duplicates(tmp_path, comps, full_run) -> Non
     units = N_INPUTS * len(STYLES)
     assert summary["skipped"] == 3 and summary["done"] == units - 3 and summary["failed"] == 0
     assert not _temps(out)
-    rows = datagen.read_jsonl(out / "manifest.jsonl")
+    rows = read_jsonl(out / "manifest.jsonl")
     assert len(rows) == units * VARIANTS
     assert len({(r["input"], r["edit_type"], r["variant"]) for r in rows}) == len(rows)
     assert all(json.loads(line) for line in (out / "manifest.0.jsonl").read_text().splitlines())
@@ -137,23 +138,23 @@ def test_sigkilled_process_resumes(tmp_path, comps) -> None:
     out = tmp_path / "sigkill"
     seeds = "0-7"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "datasets.datagen", "--config", str(TINY), f"output_dir={out}",
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.datagen", "--config", str(TINY), f"output_dir={out}",
                              f"source.seeds={seeds}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if len(datagen.read_jsonl(out / "manifest.0.jsonl")) >= 2 * VARIANTS:
+        if len(read_jsonl(out / "manifest.0.jsonl")) >= 2 * VARIANTS:
             break
         time.sleep(0.05)
     killed = proc.poll() is None
     if killed:
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    before = {(r["input"], r["edit_type"]) for r in datagen.read_jsonl(out / "manifest.0.jsonl")}
+    before = {(r["input"], r["edit_type"]) for r in read_jsonl(out / "manifest.0.jsonl")}
     summary = main(TINY, [f"output_dir={out}", f"source.seeds={seeds}"], components=comps)
     units = 8 * len(STYLES)
     assert summary["skipped"] == len(before) and summary["done"] + summary["skipped"] == units
-    rows = datagen.read_jsonl(out / "manifest.jsonl")
+    rows = read_jsonl(out / "manifest.jsonl")
     assert len(rows) == units * VARIANTS
     assert len({(r["input"], r["edit_type"], r["variant"]) for r in rows}) == len(rows)
     assert len(json.loads((out / "dataset.json").read_text())["labels"]) == 8
@@ -164,7 +165,7 @@ def test_sigkilled_process_resumes(tmp_path, comps) -> None:
 
 def test_filtered_edits_are_counted(tmp_path, comps, full_run) -> None:
     full_out, _ = full_run
-    rows = datagen.read_jsonl(full_out / "manifest.jsonl")
+    rows = read_jsonl(full_out / "manifest.jsonl")
     best: dict[tuple, float] = {}
     for r in rows:
         key = (r["input"], r["edit_type"])
@@ -179,7 +180,7 @@ def test_filtered_edits_are_counted(tmp_path, comps, full_run) -> None:
     assert summary["filtered"] == expect_filtered
     assert summary["done"] == len(best) - expect_filtered
     assert summary["variants_filtered"] == sum(r["clip_directional"] < thr for r in rows)
-    merged = datagen.read_jsonl(out / "manifest.jsonl")
+    merged = read_jsonl(out / "manifest.jsonl")
     assert len(merged) == len(rows)  # filtered variants are logged, not dropped
     for (inp, st), v in best.items():
         assert (out / datagen.edit_path(inp, st)).is_file() == (v >= thr)
@@ -195,25 +196,25 @@ def test_filtered_edits_are_counted(tmp_path, comps, full_run) -> None:
     s2 = main(TINY, [f"output_dir={out2}", "filter.min_directional=2", "filter.on_all_filtered=keep-best"],
               components=comps)
     assert s2["done"] == len(best) and s2["variants_filtered"] == len(rows)
-    assert all(not r["passed"] for r in datagen.read_jsonl(out2 / "manifest.jsonl"))
+    assert all(not r["passed"] for r in read_jsonl(out2 / "manifest.jsonl"))
 
 
 def test_two_gloo_ranks_write_disjoint_shards(tmp_path, full_run) -> None:
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "datasets.datagen", "--config", str(TINY), f"output_dir={out}"]
+           "-m", "pipelines.datagen", "--config", str(TINY), f"output_dir={out}"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    shards = [{r["input"] for r in datagen.read_jsonl(out / f"manifest.{k}.jsonl")} for k in (0, 1)]
+    shards = [{r["input"] for r in read_jsonl(out / f"manifest.{k}.jsonl")} for k in (0, 1)]
     assert shards[0] and shards[1] and shards[0].isdisjoint(shards[1])
     everything = {f"eg3d/seed{s:07d}.png" for s in range(N_INPUTS)}
     assert shards[0] | shards[1] == everything
-    labels = [{r["path"] for r in datagen.read_jsonl(out / f"labels.{k}.jsonl")} for k in (0, 1)]
+    labels = [{r["path"] for r in read_jsonl(out / f"labels.{k}.jsonl")} for k in (0, 1)]
     assert labels == shards
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["done"] == N_INPUTS * len(STYLES)
-    assert len(datagen.read_jsonl(out / "manifest.jsonl")) == N_INPUTS * len(STYLES) * VARIANTS
+    assert len(read_jsonl(out / "manifest.jsonl")) == N_INPUTS * len(STYLES) * VARIANTS
     assert {k for k, _ in json.loads((out / "dataset.json").read_text())["labels"]} == everything
     full_out, _ = full_run
     pngs = [f for f in _files(full_out) if f.endswith(".png") and not f.startswith("latents/")]
@@ -230,7 +231,7 @@ def test_reader_reads_generated_dataset(full_run) -> None:
     assert with_manifest.uses_manifest and len(with_manifest) == N_INPUTS * len(STYLES)
     assert [(p.input, p.target) for p in with_manifest.pairs] == [(p.input, p.target) for p in by_names.pairs]
     item = with_manifest[0]
-    kept = {(r["input"], r["edit_type"]): r for r in datagen.read_jsonl(out / "manifest.jsonl") if r["kept"]}
+    kept = {(r["input"], r["edit_type"]): r for r in read_jsonl(out / "manifest.jsonl") if r["kept"]}
     assert item["instruction"] == kept[(item["input_path"], item["edit_type"])]["instruction"]
     assert item["reference_path"] != item["target_path"]
 
@@ -255,7 +256,7 @@ def test_photos_source(tmp_path, comps) -> None:
 
 
 def test_vocabulary_and_seed_specs() -> None:
-    vocab = datagen.load_vocabulary(ROOT / "configs" / "edit_vocabulary.yaml")
+    vocab = load_vocabulary(ROOT / "configs" / "edit_vocabulary.yaml")
     assert len(vocab) >= 20
     for name, et in vocab.items():
         assert "_" not in name and len(et.instructions) >= 2 and et.source_caption and et.target_caption

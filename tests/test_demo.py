@@ -1,4 +1,4 @@
-"""utils.demo: DemoSession (align, encode once, re-render on slider change) and a headless app launch."""
+"""tools.demo: DemoSession (align, encode once, re-render on slider change) and a headless app launch."""
 from __future__ import annotations
 
 import socket
@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models.editor import PortraitEditor
-from utils import demo
+from pipelines.editor import PortraitEditor
+from tools import demo
 from utils.face_alignment import MTCNNDetector
 from utils.video import read_video_meta
 

@@ -1,4 +1,4 @@
-"""utils.edit_video end to end on a short synthetic video (made here) with a tiny random editor."""
+"""tools.edit_video end to end on a short synthetic video (made here) with a tiny random editor."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models.editor import PortraitEditor
-from utils import edit_video as ev
+from pipelines.editor import PortraitEditor
+from tools import edit_video as ev
 from utils.face_alignment import CropBox, MTCNNDetector
 from utils.video import AtomicVideoWriter, iter_video_frames, read_video_meta
 

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from datasets.eg3d_samples import main, parse_seeds, sample_seed
+from tools.eg3d_samples import main, parse_seeds, sample_seed
 from models import checkpoint as ck
 
 
@@ -48,7 +48,7 @@ def test_parse_seeds():
 def test_cli_writes_png_and_tensors(tmp_path, tiny_network, tiny_generator):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "datasets.eg3d_samples", "--network", str(tiny_network), "--seeds", "11-12",
+    r = subprocess.run([sys.executable, "-m", "tools.eg3d_samples", "--network", str(tiny_network), "--seeds", "11-12",
                         "--outdir", str(out), "--yaws", "-20", "0", "20", "--pitch", "5", "--save-tensors",
                         "--device", "cpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

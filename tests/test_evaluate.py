@@ -10,7 +10,7 @@ from PIL import Image
 
 from models.arcface import IdentityEncoder, IRSE50, load_ir_se50
 from utils.errors import MissingWeightsError
-from utils.evaluate import EditSample, Evaluator, load_results_folder, main, to_markdown
+from tools.evaluate import EditSample, Evaluator, load_results_folder, main, to_markdown
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def evaluator() -> Evaluator:
     import lpips
 
     from models.editing.clip_prompt import build_open_clip, tiny_open_clip_config
-    from utils.clip_scores import ClipScorer
+    from pipelines.clip_scores import ClipScorer
 
     torch.manual_seed(0)
     clip = ClipScorer.from_model(build_open_clip(model_cfg=tiny_open_clip_config()), device="cpu")

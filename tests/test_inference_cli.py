@@ -229,7 +229,7 @@ def test_cli_loads_project_format(data_dir: Path, tmp_path: Path):
     enc, ren = _tiny_models("edit")
     export_original_3dpe(tmp_path / "3dpe.pt", enc.state_dict(), ren.state_dict())
     dst = tmp_path / "converted"
-    r = subprocess.run([sys.executable, "-m", "utils.convert_checkpoint", str(tmp_path / "3dpe.pt"), str(dst)],
+    r = subprocess.run([sys.executable, "-m", "tools.convert_checkpoint", str(tmp_path / "3dpe.pt"), str(dst)],
                        cwd=Path(test_scripts.__file__).parent, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     a, b = tmp_path / "a", tmp_path / "b"
@@ -242,7 +242,7 @@ def test_cli_loads_project_format(data_dir: Path, tmp_path: Path):
 
 def test_cli_text_prompt_through_instruct_pix2pix_bridge(data_dir: Path, tmp_path: Path, monkeypatch):
     """A MAE checkpoint + --prompt: the input is edited in 2D and used as the reference tile."""
-    import datasets.instruct_pix2pix as ip2p
+    import pipelines.instruct_pix2pix as ip2p
 
     calls = []
 

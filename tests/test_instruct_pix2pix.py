@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets.instruct_pix2pix import (InstructPix2PixConfig, InstructPix2PixEditor, build_clip_tokenizer,
+from pipelines.instruct_pix2pix import (InstructPix2PixConfig, InstructPix2PixEditor, build_clip_tokenizer,
                                        build_tiny_instruct_pix2pix)
 from utils.errors import BadImageError, MissingWeightsError
 

@@ -1,4 +1,4 @@
-"""utils.preprocess CLI: outputs, dataset.json, summary, exit codes, landmark files, all faces."""
+"""tools.preprocess CLI: outputs, dataset.json, summary, exit codes, landmark files, all faces."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from utils.face_alignment import STANDARD_LANDMARKS_3D, eg3d_crop
-from utils.preprocess import EXIT_FAILED, EXIT_OK, main
+from tools.preprocess import EXIT_FAILED, EXIT_OK, main
 
 ROOT = Path(__file__).resolve().parents[1]
 FRONTAL_LABEL = [1, 0, 0, 0, 0, -1, 0, 0, 0, 0, -1, 2.7, 0, 0, 0, 1, 4.2647, 0, 0.5, 0, 4.2647, 0.5, 0, 0, 1]
@@ -119,7 +119,7 @@ def test_cli_landmarks_dir_and_all_faces(tmp_path, astronaut):
 def test_cli_as_module_help_and_run(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     helptext = subprocess.run(
-        [sys.executable, "-m", "utils.preprocess", "--help"], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "tools.preprocess", "--help"], cwd=ROOT, env=env, capture_output=True, text=True, check=True
     ).stdout
     assert "exit status" in helptext and "--all-faces" in helptext and "--device" in helptext
     d = tmp_path / "in"
@@ -127,7 +127,7 @@ def test_cli_as_module_help_and_run(tmp_path):
     Image.open(ROOT / "test_imgs" / "input" / "hopper.png").save(d / "hopper.jpg", quality=95)
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "utils.preprocess", "--indir", str(d), "--outdir", str(out)],
+        [sys.executable, "-m", "tools.preprocess", "--indir", str(d), "--outdir", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stderr

@@ -139,7 +139,7 @@ def test_snapshots_load_back(runs):
         sd = models["encoder"].state_dict()
         ref = runs["full"].encoder.state_dict()
         assert all(torch.equal(sd[k], ref[k].cpu()) for k in ref)
-    from models.editor import PortraitEditor
+    from pipelines.editor import PortraitEditor
 
     editor = PortraitEditor.from_pretrained(run_dir / "final", device="cpu")
     img = torch.rand(1, 3, 64, 64) * 2 - 1

@@ -49,7 +49,7 @@ class CustomizeConfig:
     pairs: str = ""
     base: str = "pretrained_models/3dpe.pt"
     instruction: str = ""                       # non-empty: edit DIR/input/ with InstructPix2Pix
-    ip2p: dict = field(default_factory=dict)    # fields of datasets.instruct_pix2pix.InstructPix2PixConfig
+    ip2p: dict = field(default_factory=dict)    # fields of pipelines.instruct_pix2pix.InstructPix2PixConfig
     default_focal: float = 4.2647               # FOCAL_EG3D_LABEL, for inputs without a label
     train: TrainConfig = field(default_factory=_customize_train_defaults)
 
@@ -151,12 +151,12 @@ def main(cfg: CustomizeConfig, editor: Any = None) -> TrainResult:
     run_dir = Path(t.exp_dir) / t.name
     edited_dir = pairs / "edited"
     if cfg.instruction:
-        from training.distributed import barrier, init_distributed
+        from utils.distributed import barrier, init_distributed
 
         edited_dir = run_dir / "edited"
         if init_distributed(t.device or None).is_main:  # the other ranks wait for rank 0's edits
             if editor is None:
-                from datasets.instruct_pix2pix import InstructPix2PixConfig, InstructPix2PixEditor
+                from pipelines.instruct_pix2pix import InstructPix2PixConfig, InstructPix2PixEditor
                 from utils.config import from_dict
 
                 editor = InstructPix2PixEditor(from_dict(InstructPix2PixConfig, dict(cfg.ip2p)),
@@ -175,7 +175,7 @@ def main(cfg: CustomizeConfig, editor: Any = None) -> TrainResult:
 def run(config_path: str | None, overrides: list[str] = (), *, pairs: str | None = None, base: str | None = None,
         instruction: str | None = None, name: str | None = None, editor: Any = None) -> TrainResult:
     """CLI entry: `configs/customize.yaml` + overrides; the flags win over the config."""
-    from training.distributed import destroy_distributed
+    from utils.distributed import destroy_distributed
 
     cfg = load_config(CustomizeConfig, config_path, list(overrides))
     if pairs is not None:

@@ -76,7 +76,7 @@ def gather_rng(generators: dict[str, torch.Generator] | None = None) -> list[dic
     """
     import io
 
-    from training.distributed import all_gather_object
+    from utils.distributed import all_gather_object
 
     buf = io.BytesIO()
     torch.save(capture_rng(generators), buf)

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from training import distributed as du
+from utils import distributed as du
 from training import state as st
 from training.losses import DistillationLoss, LossConfig, d_fake_loss, d_real_loss_r1, g_adv_loss
 from utils.config import load_config, save_config, to_dict

@@ -9,7 +9,7 @@ Every encode returns `(tokens N×T×token_dim, bias N×T)`. `bias` is added to t
 0 for a token that takes part, -inf for a padding token, and log(weight) for a weighted image/text mix.
 
 The open_clip helpers here (`build_open_clip`, `load_open_clip_weights`, `clip_preprocess`, `clip_tokenizer`)
-are the one place that builds CLIP models; `utils.clip_scores` uses them too.
+are the one place that builds CLIP models; `pipelines.clip_scores` uses them too.
 """
 from __future__ import annotations
 

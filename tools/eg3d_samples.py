@@ -1,6 +1,6 @@
 """Sample portraits from an EG3D generator (NVIDIA's `gen_samples.py` protocol, deterministic rendering).
 
-    python -m datasets.eg3d_samples --network ffhqrebalanced512-128.pkl --seeds 11-12 --outdir out \
+    python -m tools.eg3d_samples --network ffhqrebalanced512-128.pkl --seeds 11-12 --outdir out \
         [--trunc 0.7] [--trunc-cutoff 14] [--yaws -20 0 20] [--pitch 0] [--save-tensors] [--device cpu]
 
 Per seed: z = np.random.RandomState(seed).randn(1, z_dim); ws = G.mapping(z, frontal camera, psi, cutoff);
@@ -125,7 +125,7 @@ def save_seed(outdir: Path, seed: int, result: dict[str, torch.Tensor], save_ten
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m datasets.eg3d_samples", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.eg3d_samples", description=__doc__.split("\n\n")[0])
     parser.add_argument("--network", required=True, help="EG3D .pkl, converted .pth, or project checkpoint directory")
     parser.add_argument("--seeds", required=True, help="e.g. 11-12 or 0,3,5-7")
     parser.add_argument("--outdir", required=True, help="output folder")

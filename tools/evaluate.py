@@ -1,7 +1,7 @@
 """Evaluate edits: CLIP directional and image-text similarity, identity, LPIPS, multi-view consistency, runtime.
 
-    python -m utils.evaluate --results results --data-dir test_imgs          # a folder written by test_scripts.py
-    python -m utils.evaluate --checkpoint pretrained_models/3dpe.pt --data-dir test_imgs --results results
+    python -m tools.evaluate --results results --data-dir test_imgs          # a folder written by test_scripts.py
+    python -m tools.evaluate --checkpoint pretrained_models/3dpe.pt --data-dir test_imgs --results results
 
 Writes `<results>/metrics.json` and `<results>/metrics.md`. A metric whose weights are missing is reported as
 unavailable (with the reason) and the others still run. See docs/evaluation.md.
@@ -44,7 +44,7 @@ class EditSample:
 class Evaluator:
     """Metric back-ends; each may be None (the metric is then reported unavailable with `reasons[name]`).
 
-    clip: a `utils.clip_scores.ClipScorer`; identity: a `models.arcface.IdentityEncoder`;
+    clip: a `pipelines.clip_scores.ClipScorer`; identity: a `models.arcface.IdentityEncoder`;
     lpips: a callable (a N×3×H×W, b) → N distances, inputs in [-1,1].
     """
 
@@ -59,7 +59,7 @@ class Evaluator:
         """Build every back-end that has its weights; missing ones are recorded in `reasons`."""
         ev = cls()
         try:
-            from utils.clip_scores import ClipScorer
+            from pipelines.clip_scores import ClipScorer
 
             ev.clip = ClipScorer(pretrained=clip_weights, device=device)
         except (MissingWeightsError, FileNotFoundError, RuntimeError) as e:

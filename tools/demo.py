@@ -2,8 +2,8 @@
 video, and yaw/pitch sliders that re-render the cached triplane without re-encoding.
 
     pip install gradio                       # optional dependency, not in requirements.txt
-    python -m utils.demo --checkpoint pretrained_models/3dpe.pt [--device cuda] [--port 7860] [--share]
-    python -m utils.demo --random-init --tiny    # try the UI without weights (pictures are noise)
+    python -m tools.demo --checkpoint pretrained_models/3dpe.pt [--device cuda] [--port 7860] [--share]
+    python -m tools.demo --random-init --tiny    # try the UI without weights (pictures are noise)
 
 The app binds to 127.0.0.1; `--share` (off by default) asks Gradio for a public link. All the logic is
 in `DemoSession`, a plain class usable (and tested) without Gradio. One session serves the app: it is
@@ -314,7 +314,7 @@ def launch(app: Any, port: int | None = None, share: bool = False, block: bool =
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m utils.demo", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when present)")
@@ -341,9 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from models.editor import PortraitEditor
+    from pipelines.editor import PortraitEditor
     from utils.device import resolve_device
-    from datasets.instruct_pix2pix import bridge_from_args
+    from pipelines.instruct_pix2pix import bridge_from_args
 
     device = resolve_device(args.device)
     bridge = bridge_from_args(args, device)

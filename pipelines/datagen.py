@@ -15,9 +15,9 @@ Work is sharded by input (input i → rank i mod WORLD_SIZE), every file is writ
 (temporary name + os.replace), and a unit (input, style) is finished once its manifest lines are
 written, so a killed job rerun with the same config resumes without redoing or duplicating work.
 
-    python -m datasets.datagen --config configs/datagen.yaml source.seeds=0-9999 output_dir=data/ours
-    torchrun --nproc_per_node=8 -m datasets.datagen --config configs/datagen.yaml
-    python -m datasets.datagen --config configs/datagen.yaml --merge-only
+    python -m pipelines.datagen --config configs/datagen.yaml source.seeds=0-9999 output_dir=data/ours
+    torchrun --nproc_per_node=8 -m pipelines.datagen --config configs/datagen.yaml
+    python -m pipelines.datagen --config configs/datagen.yaml --merge-only
 """
 from __future__ import annotations
 
@@ -37,17 +37,16 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from utils.atomic import atomic_write
 from utils.config import load_config, save_config
 from utils.device import resolve_device
+from datasets.layout import EditType, load_vocabulary, read_dataset_labels, read_jsonl
 from utils.errors import ConfigError
 
 log = logging.getLogger("datagen")
 
-TINY = "tiny-random"
-_REPO_ROOT = Path(__file__).resolve().parents[1]  # model name that builds a tiny random model (tests, benchmarks)
+TINY = "tiny-random"  # model name that builds a tiny random model (tests, benchmarks)
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -112,42 +111,6 @@ class DatagenConfig:
 
 
 # ------------------------------------------------------------------------------------ vocabulary
-@dataclass
-class EditType:
-    name: str
-    instructions: list[str]
-    source_caption: str
-    target_caption: str
-
-
-def load_vocabulary(path: str | os.PathLike) -> dict[str, EditType]:
-    """Read configs/edit_vocabulary.yaml → {name: EditType}; names must not contain '_' (folder suffixes)."""
-    p = Path(path)
-    if not p.is_file() and not p.is_absolute() and (_REPO_ROOT / p).is_file():
-        p = _REPO_ROOT / p  # configs name it relative to the repository
-    if not p.is_file():
-        raise ConfigError(f"edit vocabulary '{p}' not found (set edit.vocabulary to configs/edit_vocabulary.yaml)")
-    data = yaml.safe_load(p.read_text()) or {}
-    default_src = data.get("default_source_caption", "a photo of a person")
-    out: dict[str, EditType] = {}
-    for name, entry in (data.get("edits") or {}).items():
-        if "_" in name or "/" in name or not name:
-            raise ConfigError(f"{p}: edit type '{name}' must not contain '_' or '/' (use '-')")
-        entry = entry or {}
-        instructions = list(entry.get("instructions") or [])
-        if not instructions:
-            raise ConfigError(f"{p}: edit type '{name}' has no instructions")
-        out[name] = EditType(
-            name=name,
-            instructions=[str(s) for s in instructions],
-            source_caption=str(entry.get("source_caption", default_src)),
-            target_caption=str(entry.get("target_caption", name.replace("-", " "))),
-        )
-    if not out:
-        raise ConfigError(f"{p}: no edit types under 'edits:'")
-    return out
-
-
 def select_edit_types(vocab: dict[str, EditType], names: Sequence[str]) -> list[EditType]:
     if not names or list(names) == ["all"]:
         return list(vocab.values())
@@ -198,24 +161,6 @@ def _append_lines(path: Path, records: Iterable[dict]) -> None:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Valid JSON-object lines of `path` (a torn last line from a killed writer is skipped)."""
-    out = []
-    if not path.is_file():
-        return out
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
 
 
 def _repair_jsonl(path: Path) -> list[dict]:
@@ -321,25 +266,6 @@ def _dir_for(cfg: SourceConfig, key: int) -> str:
     return cfg.dir_name
 
 
-def read_dataset_labels(path: Path) -> dict[str, list[float]]:
-    """EG3D dataset.json → {relative path: 25 floats}; accepts {"labels": list-of-pairs | dict} or a bare dict."""
-    if not path.is_file():
-        raise ConfigError(f"'{path}' not found: the folder needs an EG3D dataset.json with camera labels")
-    data = json.loads(path.read_text())
-    labels = data.get("labels", data) if isinstance(data, dict) else data
-    if labels is None:
-        raise ConfigError(f"'{path}' has \"labels\": null; a 25-d camera label per image is needed")
-    items = labels.items() if isinstance(labels, dict) else labels
-    out: dict[str, list[float]] = {}
-    for entry in items:
-        rel, lab = entry[0], entry[1]
-        lab = [float(v) for v in lab]
-        if len(lab) != 25:
-            raise ConfigError(f"'{path}': label of '{rel}' has {len(lab)} values, expected 25")
-        out[str(rel).replace("\\", "/")] = lab
-    return out
-
-
 def enumerate_inputs(cfg: SourceConfig) -> list[InputItem]:
     """The full, ordered list of inputs (identical on every rank)."""
     if "_" in cfg.dir_name or "/" in cfg.dir_name or not cfg.dir_name:
@@ -403,7 +329,7 @@ def build_generator(cfg: SourceConfig, device: torch.device) -> torch.nn.Module:
 
 def build_editor(cfg: EditConfig, device: torch.device, fp16: bool, batch_size: int = 4) -> Any:
     """The InstructPix2Pix wrapper (datasets/instruct_pix2pix.py); fp16 on CUDA when `fp16`."""
-    from datasets import instruct_pix2pix as ip2p
+    from pipelines import instruct_pix2pix as ip2p
 
     dtype = "fp16" if (fp16 and device.type == "cuda") else "fp32"
     icfg = ip2p.InstructPix2PixConfig(model=cfg.model, steps=cfg.steps, resolution=cfg.resolution, dtype=dtype,
@@ -415,7 +341,7 @@ def build_editor(cfg: EditConfig, device: torch.device, fp16: bool, batch_size: 
 
 def build_scorer(cfg: FilterConfig, device: torch.device) -> Any:
     """CLIP scorer (utils/clip_scores.py) from local open_clip weights, or a tiny random one."""
-    from utils.clip_scores import ClipScorer
+    from pipelines.clip_scores import ClipScorer
 
     if cfg.clip_model == TINY:
         from models.editing.clip_prompt import build_open_clip, tiny_open_clip_config
@@ -784,7 +710,7 @@ def _run(cfg: DatagenConfig, device: torch.device, dist: DistInfo, comps: Compon
         summary["merged"] = merge_outputs(out)
         _atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())
     elif not can_merge:
-        log.warning("rank %d: no process group; run `python -m datasets.datagen --config ... --merge-only` "
+        log.warning("rank %d: no process group; run `python -m pipelines.datagen --config ... --merge-only` "
                     "after every shard has finished", dist.rank)
     _barrier(dist)
     if dist.rank == 0:
@@ -800,7 +726,7 @@ def _group_ready() -> bool:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m datasets.datagen", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m pipelines.datagen", description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=None, help="YAML config (configs/datagen.yaml)")
     ap.add_argument("--merge-only", action="store_true", help="only merge the per-rank manifests/labels")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. source.seeds=0-99")

@@ -1,6 +1,6 @@
 """Align in-the-wild photos to EG3D's 512×512 portrait crop and write an EG3D `dataset.json`.
 
-    python -m utils.preprocess --indir photos --outdir aligned [--all-faces] [--estimate-pose]
+    python -m tools.preprocess --indir photos --outdir aligned [--all-faces] [--estimate-pose]
                                [--landmarks-dir DIR_OR_JSON] [--device cuda:0]
 """
 from __future__ import annotations
@@ -118,7 +118,7 @@ def run(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m utils.preprocess",
+        prog="python -m tools.preprocess",
         description="Crop portraits exactly like EG3D's in-the-wild pipeline (5 landmarks, POS fit, "
         "512x512 axis-aligned crop) and write camera labels.",
         epilog=_EPILOG,

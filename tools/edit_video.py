@@ -1,8 +1,8 @@
 """Edit a portrait video frame by frame with one prompt: align, edit, render, write (streaming).
 
-    python -m utils.edit_video --video in.mp4 --ref style.png --out out.mp4 [--side-by-side]
-    python -m utils.edit_video --video in.mp4 --prompt "turn him into a zombie" --camera orbit
-    python -m utils.edit_video --video in.mp4 --ref style.png --random-init --tiny --device cpu   # smoke test
+    python -m tools.edit_video --video in.mp4 --ref style.png --out out.mp4 [--side-by-side]
+    python -m tools.edit_video --video in.mp4 --prompt "turn him into a zombie" --camera orbit
+    python -m tools.edit_video --video in.mp4 --ref style.png --random-init --tiny --device cpu   # smoke test
 
 Per frame: MTCNN landmarks → EG3D crop box, smoothed over a centred window of ±`smooth_radius`
 frames (so the crop does not jitter; frames are delayed by that many frames, never the whole video
@@ -465,7 +465,7 @@ def _limit(frames: Iterable[np.ndarray], n: int | None) -> Iterator[np.ndarray]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m utils.edit_video", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tools.edit_video", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--video", required=True, help="input video (anything ffmpeg reads)")
     g = p.add_mutually_exclusive_group()
@@ -528,8 +528,8 @@ def build_prompt(editor: Any, ref: str | Path | None, text: str | None, size: in
 def main(argv: list[str] | None = None) -> dict:
     """Run the CLI; print and return the summary dict (`ok` False on a user error, with `error`)."""
     args = parse_args(argv)
-    from datasets.instruct_pix2pix import bridge_from_args
-    from models.editor import PortraitEditor
+    from pipelines.instruct_pix2pix import bridge_from_args
+    from pipelines.editor import PortraitEditor
     from utils.device import resolve_device
     from utils.errors import ThreeDPEError
     from utils.face_alignment import MTCNNDetector

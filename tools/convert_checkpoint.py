@@ -1,6 +1,6 @@
 """Convert any supported checkpoint to the project format (or back to an original layout).
 
-    python -m utils.convert_checkpoint SRC DST [--to threedpe|3dpe-pt|eg3d-pth] [--config ARCH.json]
+    python -m tools.convert_checkpoint SRC DST [--to threedpe|3dpe-pt|eg3d-pth] [--config ARCH.json]
 
 SRC: an EG3D network pickle (`ffhqrebalanced512-128.pkl`: G_ema, plus D when present), the converted EG3D
 `.pth`, `3dpe.pt`, a Live3D LT/Normal `.pt`, or a project checkpoint directory. The format is detected
@@ -56,7 +56,7 @@ def _convert(src: str | Path, dst: str | Path, to: str, config: dict | None) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.convert_checkpoint", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.convert_checkpoint", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="checkpoint to read (.pkl, .pth, .pt, or a project directory)")
     parser.add_argument("dst", help="output directory (threedpe) or file (3dpe-pt, eg3d-pth)")
     parser.add_argument("--to", choices=TARGETS, default="threedpe", help="output format (default: threedpe)")

@@ -1,0 +1,1 @@
+"""Pipelines: orchestration over models (load weights, run encoders/renderers/diffusion, batch, write nothing)."""
