@@ -1,4 +1,4 @@
-"""Imports run one way: entry points and tools → training → pipelines → models | datasets → utils.
+"""Imports run one way: entry points → tools → training → pipelines → models | datasets → utils.
 
 Every `import` and `from … import` in every product file is checked, including those inside functions
 (the layout is described in docs/architecture.md). A module may import its own package and any package of a
@@ -22,10 +22,10 @@ LAYERS: dict[str, int] = {
     "pipelines": 2,
     "training": 3,
     "tools": 4,
-    "test_scripts": 4,
-    "train_scripts": 4,
-    "benchmarks": 5,
-    "experiments": 5,
+    "test_scripts": 5,
+    "train_scripts": 5,
+    "benchmarks": 6,
+    "experiments": 6,
 }
 
 #: Old `python -m` spellings kept working: each only forwards to the module named here.
