@@ -186,6 +186,8 @@ def clip_bpe_tokenizer_files(folder: str | os.PathLike) -> tuple[Path, Path]:
     transformers' CLIPTokenizer. Returns the two paths."""
     from open_clip.tokenizer import SimpleTokenizer
 
+    from utils.atomic import atomic_write_text
+
     tok = SimpleTokenizer()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -193,9 +195,9 @@ def clip_bpe_tokenizer_files(folder: str | os.PathLike) -> tuple[Path, Path]:
     # open_clip names the two special tokens differently from the original CLIP/HF files; the ids are the same.
     renames = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
     encoder = {renames.get(k, k): v for k, v in tok.encoder.items()}
-    vocab.write_text(json.dumps(encoder, ensure_ascii=False), encoding="utf-8")
+    atomic_write_text(vocab, json.dumps(encoder, ensure_ascii=False))
     ranked = sorted(tok.bpe_ranks.items(), key=lambda kv: kv[1])
-    merges.write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for (a, b), _ in ranked) + "\n", encoding="utf-8")
+    atomic_write_text(merges, "#version: 0.2\n" + "\n".join(f"{a} {b}" for (a, b), _ in ranked) + "\n")
     return vocab, merges
 
 

@@ -163,7 +163,9 @@ def main(cfg: CustomizeConfig, editor: Any = None) -> TrainResult:
                                                device=t.device or None)
             make_edits(input_dir, edited_dir, cfg.instruction, editor, t.data.resolution)
         barrier()
-        (run_dir / "instruction.txt").write_text(cfg.instruction + "\n")
+        from utils.atomic import atomic_write_text
+
+        atomic_write_text(run_dir / "instruction.txt", cfg.instruction + "\n")
     elif not edited_dir.is_dir():
         raise ConfigError(f"customize: '{edited_dir}' does not exist; give DIR/edited/<stem>.png or --instruction")
     data = CustomPairs(input_dir, edited_dir, t.data.resolution, pairs / "dataset.json", cfg.default_focal, t.seed)

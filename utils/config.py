@@ -122,9 +122,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML (atomically: a reader never sees half a file)."""
+    from utils.atomic import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def _deep_update(base: dict, new: dict) -> None:
