@@ -11,8 +11,8 @@ from PIL import Image
 
 from models.arcface import IdentityEncoder, IRSE50, load_ir_se50
 from models.editor import PortraitEditor
-from utils.errors import MissingWeightsError
 from utils import evaluate as evaluate_module
+from utils.errors import MissingWeightsError
 from utils.evaluate import (NOT_APPLICABLE, UNAVAILABLE, EditSample, Evaluator, load_results_folder, main,
                             to_markdown)
 
@@ -161,9 +161,10 @@ def _eval_cli(tmp_path: Path, ckpt: Path, data: Path) -> int:
 def test_runtime_per_edit_is_the_median_edit_time(tiny_checkpoint: Path, tmp_path: Path, monkeypatch):
     """A fake clock advances only inside the patched steps: model loading (100 s), image loading (7 s) and
     PNG writing (10 s) must not count; encode prompt (0.5 s) + edit (1 s) + render (0.25 s) must."""
+    from types import SimpleNamespace
+
     import test_scripts
     import utils.image_io
-    from types import SimpleNamespace
 
     clock = {"t": 0.0}
     monkeypatch.setattr(evaluate_module, "time", SimpleNamespace(perf_counter=lambda: clock["t"]))

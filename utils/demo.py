@@ -109,7 +109,7 @@ class DemoSession:
     def __enter__(self) -> "DemoSession":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ------------------------------------------------------------------ inputs

@@ -191,9 +191,10 @@ def to_markdown(result: dict) -> str:
         for stem, m in result["per_sample"].items():
             lines.append(f"| {stem} | " + " | ".join(_cell(m.get(k, "—")) for k in cols) + " |")
     if "runtime_seconds_per_edit" in result:
-        lines += ["", f"Runtime per edit: {result['runtime_seconds_per_edit']} s (median over "
-                      f"{result['runtime_inputs_timed']} inputs of encode prompt + edit + render; model loading and "
-                      "file I/O excluded)."]
+        runtime = (f"Runtime per edit: {result['runtime_seconds_per_edit']} s (median over "
+                   f"{result['runtime_inputs_timed']} inputs of encode prompt + edit + render; model loading and "
+                   "file I/O excluded).")
+        lines += ["", runtime]
     lines.append("")
     for k, why in result["unavailable"].items():
         lines.append(f"- **{k}** {UNAVAILABLE}: {why}")
@@ -289,7 +290,7 @@ def run_inference(argv: list[str]) -> InferenceRun:
             super()._write(job, *args, **kwargs)
             self._write_seconds[job.stem] = self.editor.elapsed - before
 
-    test_scripts._Runner = TimedRunner
+    test_scripts._Runner = TimedRunner  # main() builds its runner from this name; restored below
     try:
         run.exit_code = test_scripts.main(argv)
         if run.exit_code:
