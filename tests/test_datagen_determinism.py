@@ -54,7 +54,7 @@ def test_same_bytes_for_batch_1_and_4_and_for_1_and_2_processes(tmp_path, comps)
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "datasets.datagen", "--config", str(TINY), f"output_dir={two_b4}", "batch_size=4", ONE_STYLE]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert json.loads((two_b4 / "summary.json").read_text())["world_size"] == 2
 
