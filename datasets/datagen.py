@@ -103,7 +103,9 @@ class DatagenConfig:
     edit: EditConfig = field(default_factory=EditConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     output_dir: str = "data/3dpe_ours/train"
-    batch_size: int = 4  # inputs per batch (EG3D rendering and each InstructPix2Pix call)
+    batch_size: int = 4  # inputs handled per step (per model call too when batch_invariant is false)
+    batch_invariant: bool = True  # model calls one sample at a time: outputs independent of batching and sharding
+    threads: int = 1  # torch intra-op CPU threads per rank (torch.set_num_threads); 0 = leave the launcher's
     device: str = "auto"  # auto → cuda:LOCAL_RANK when CUDA is present, else cpu
     fp16: bool = True  # fp16 InstructPix2Pix on CUDA (ignored on CPU)
     distributed: str = "auto"  # auto: init a process group when WORLD_SIZE>1 and MASTER_ADDR is set | off
@@ -428,13 +430,29 @@ def build_scorer(cfg: FilterConfig, device: torch.device) -> Any:
 
 
 # ------------------------------------------------------------------------------------ the worker
+def _one_at_a_time(fn: Callable[[slice], Any], n: int, per_sample: bool) -> Any:
+    """`fn(slice(0, n))`, or, with `per_sample`, `fn` on each sample's slice and the results concatenated.
+
+    Convolutions and matrix products pick their blocking (hence their summation order) by batch shape, so
+    a sample's result can change in the last bit with what else is in its batch; one sample per call makes
+    it depend on that sample alone. `fn` returns a tensor with the batch first, or a dict of such tensors.
+    """
+    if not per_sample or n <= 1:
+        return fn(slice(0, n))
+    parts = [fn(slice(i, i + 1)) for i in range(n)]
+    if isinstance(parts[0], dict):
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)
+
+
 @torch.inference_mode()
 def render_eg3d(gen: torch.nn.Module, items: Sequence[InputItem], cfg: SourceConfig, device: torch.device) -> dict:
     """Render the EG3D inputs of `items` → {'images': B×3×H×W [-1,1] (cpu), 'cameras': B×25, 'z', 'ws'}.
 
     z = RandomState(seed).randn(z_dim); the camera of each sample is its own draw (seeded by
     camera_seed + seed) from the training pose distribution, or frontal; it is both the mapping's
-    pose condition and the rendering camera, so results do not depend on batch composition.
+    pose condition and the rendering camera, so a sample's inputs do not depend on batch composition (its
+    pixels can, by float rounding; `_Worker` renders one sample per call when `batch_invariant`).
     """
     from utils import cameras as cams
 
@@ -574,7 +592,9 @@ class _Worker:
         if missing:
             new_labels = []
             if src.kind == "eg3d":
-                r = render_eg3d(self.c.generator, [items[i] for i in missing], src, self.device)
+                todo = [items[i] for i in missing]
+                r = _one_at_a_time(lambda sl: render_eg3d(self.c.generator, todo[sl], src, self.device), len(todo),
+                                   self.cfg.batch_invariant)
                 for j, i in enumerate(missing):
                     it = items[i]
                     for t in _stale_temps_for(self.out / it.rel):
@@ -616,27 +636,41 @@ class _Worker:
         variants = _variants(ecfg)
         instr = {it.rel: _instructions_for(it.rel, et, ecfg.instructions_per_edit, ecfg.seed) for it in items}
         n = len(items)
+        per_sample = self.cfg.batch_invariant
         try:
             edits, dscores, iscores, seeds = [], [], [], []
             for v in variants:
                 vs = [stable_seed("edit", ecfg.seed, it.rel, et.name, v.slot, v.seed_index) for it in items]
+                prompts = [instr[it.rel][v.slot] for it in items]
+
+                def edit(sl: slice, v: Variant = v, vs: list[int] = vs, prompts: list[str] = prompts) -> torch.Tensor:
+                    out = self.c.editor(images[sl].to(self.device), prompts[sl], seeds=vs[sl],
+                                        guidance_scale=v.guidance_scale, image_guidance_scale=v.image_guidance_scale,
+                                        steps=ecfg.steps)
+                    out = out.float().clamp(-1, 1).cpu()
+                    if out.shape[-2:] != images.shape[-2:]:
+                        out = F.interpolate(out, size=images.shape[-2:], mode="bilinear", antialias=True,
+                                            align_corners=False).clamp(-1, 1)
+                    return out
+
                 t0 = time.perf_counter()
-                out = self.c.editor(images.to(self.device), [instr[it.rel][v.slot] for it in items], seeds=vs,
-                                    guidance_scale=v.guidance_scale, image_guidance_scale=v.image_guidance_scale,
-                                    steps=ecfg.steps)
+                out = _one_at_a_time(edit, n, per_sample)
                 self.edit_seconds += time.perf_counter() - t0
-                out = out.float().clamp(-1, 1).cpu()
-                if out.shape[-2:] != images.shape[-2:]:
-                    out = F.interpolate(out, size=images.shape[-2:], mode="bilinear", antialias=True,
-                                        align_corners=False).clamp(-1, 1)
                 edits.append(out)
                 seeds.append(vs)
                 if fcfg.enabled:
-                    with torch.inference_mode():
-                        d = self.c.scorer.directional_similarity(images, out, [et.source_caption] * n, [et.target_caption] * n)
-                        s = self.c.scorer.image_similarity(images, out)
-                    dscores.append(torch.as_tensor(d).float().cpu().reshape(n))
-                    iscores.append(torch.as_tensor(s).float().cpu().reshape(n))
+                    def scores(sl: slice, out: torch.Tensor = out) -> dict[str, torch.Tensor]:
+                        k = len(range(n)[sl])
+                        with torch.inference_mode():
+                            d = self.c.scorer.directional_similarity(images[sl], out[sl], [et.source_caption] * k,
+                                                                     [et.target_caption] * k)
+                            s = self.c.scorer.image_similarity(images[sl], out[sl])
+                        return {"d": torch.as_tensor(d).float().cpu().reshape(k),
+                                "s": torch.as_tensor(s).float().cpu().reshape(k)}
+
+                    sc = _one_at_a_time(scores, n, per_sample)
+                    dscores.append(sc["d"])
+                    iscores.append(sc["s"])
         except Exception:  # noqa: BLE001 - count, log and go on; a rerun retries these units
             log.error("rank %d: %s on %s failed:\n%s", self.dist.rank, et.name, [it.rel for it in items], traceback.format_exc())
             self.counts["failed"] += n
@@ -734,6 +768,24 @@ def main(config_path: str | os.PathLike | None = None, overrides: Sequence[str] 
 
 def _run(cfg: DatagenConfig, device: torch.device, dist: DistInfo, comps: Components,
          on_unit_done: Callable[[dict], None] | None) -> dict:
+    """`_generate` with torch's intra-op thread count set to `cfg.threads` (restored afterwards).
+
+    The thread count changes how CPU kernels split their sums, so it is part of what makes a run
+    reproducible; it is set here rather than left to the launcher (torchrun sets OMP_NUM_THREADS=1).
+    """
+    if cfg.threads < 0:
+        raise ConfigError(f"threads must be >= 0 (0 keeps torch's own setting), got {cfg.threads}")
+    before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _generate(cfg, device, dist, comps, on_unit_done)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _generate(cfg: DatagenConfig, device: torch.device, dist: DistInfo, comps: Components,
+              on_unit_done: Callable[[dict], None] | None) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab = load_vocabulary(cfg.edit.vocabulary)

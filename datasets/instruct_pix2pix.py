@@ -6,8 +6,10 @@ checkpoint (e.g. the released 3dpe.pt) is turned into a reference image first:
     editor = InstructPix2PixEditor(InstructPix2PixConfig())          # loads timbrooks/instruct-pix2pix
     edited = editor(images, ["turn him into a zombie"] * n, seeds=[0, 1, ...])   # N×3×H×W in [-1,1]
 
-Every sample gets its own `torch.Generator` (CPU) seeded from its seed, so a sample's result does not depend
-on what else is in the batch, nor on the device the noise is drawn for.
+Every sample gets its own `torch.Generator` (CPU) seeded from its seed, so a sample's noise does not depend
+on what else is in the batch, nor on the device the noise is drawn for. Its pixels can still change by float
+rounding with the batch (kernels choose their blocking, hence their summation order, by batch shape):
+call it with one sample at a time when results must be bit-exact (datasets/datagen.py does).
 `build_tiny_instruct_pix2pix()` builds a random, tiny pipeline fully offline (tests, benchmarks).
 """
 from __future__ import annotations
@@ -46,7 +48,8 @@ class InstructPix2PixConfig:
     dtype: 'auto' (fp16 on CUDA, fp32 on CPU), 'fp32', 'fp16' or 'bf16'.
     resolution: the longer image side the edit runs at (rounded to the VAE's multiple); the result is
         resized back to the input size.
-    batch_size: samples per pipeline call (results do not depend on it).
+    batch_size: samples per pipeline call; more is faster on a GPU, but a sample's pixels may differ slightly
+        (float rounding, carried through the sampling steps) with the other samples of its call.
     disable_safety_checker: load without the NSFW checker (it blacks out false positives on portraits).
     """
 
