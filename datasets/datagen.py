@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from datasets.eg3d_samples import parse_seeds  # the one seed-range parser (re-exported: datagen.parse_seeds)
+from datasets.eg3d_samples import parse_seeds  # the one seed parser, also datagen.parse_seeds
 from utils.atomic import atomic_write
 from utils.config import load_config, save_config
 from utils.device import resolve_device

@@ -127,7 +127,7 @@ def test_tensorboard_has_the_promised_tags(runs):
     assert acc.Scalars("lr/student")[0].value == pytest.approx(1e-4)
 
 
-def _events(run_dir: Path) -> "EventAccumulator":
+def _events(run_dir: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir / "logs"), size_guidance={"scalars": 0, "images": 0})

@@ -10,6 +10,10 @@ With `--instruction`, only `DIR/input/` is needed: the edits are made once by In
 in `exps/<name>/edited/`. The run is the ordinary training loop (training/train.py) started from `--base`,
 with the same teacher (Live3D LT) and losses; the result is `exps/<name>/final/` (project format), which
 `test_scripts.py` / `PortraitEditor.from_pretrained` load.
+
+Inputs without an edit are skipped with one warning; a missing or empty folder, or no input with an edit,
+is a ConfigError naming the folder. The student takes the base's prompt encoder: with a CLIP base every
+sample's prompt is the instruction (when given) or its reference image, never an empty text.
 """
 from __future__ import annotations
 
@@ -79,7 +83,7 @@ class CustomPairs(Dataset):
         from PIL import Image
 
         from utils.cameras import frontal_camera
-        from utils.image_io import list_images, load_image, pil_to_tensor
+        from utils.image_io import load_image, pil_to_tensor
 
         input_dir, edited_dir = Path(input_dir), Path(edited_dir)
         labels: dict[str, list[float]] = {}
@@ -111,8 +115,9 @@ class CustomPairs(Dataset):
             cameras.append(torch.tensor(label, dtype=torch.float32) if label is not None else frontal.clone())
         if not self.stems:
             raise ConfigError(f"customize: no image in '{input_dir}' has an edit of the same stem in '{edited_dir}' "
-                              f"(inputs: {_some(p.name for p in sources)}; edits: {_some(edited)}); name each "
-                              "edit like its input, e.g. input/a.png and edited/a.png")
+                              f"(inputs: {_some(p.name for p in sources)}; edits: "
+                              f"{_some(p.name for p in edited.values())}); name each edit like its input, e.g. "
+                              "input/a.png and edited/a.png")
         self.inputs, self.targets, self.cameras = inputs, targets, cameras
         self.instruction = instruction
         self.seed, self.epoch = seed, 0
