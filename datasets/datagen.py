@@ -39,10 +39,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from datasets.eg3d_samples import parse_seeds  # the one seed parser, also datagen.parse_seeds
 from utils.atomic import atomic_write
 from utils.config import load_config, save_config
 from utils.device import resolve_device
-from utils.errors import ConfigError
+from utils.errors import ConfigError, ThreeDPEError, report_user_error
 
 log = logging.getLogger("datagen")
 
@@ -160,27 +161,6 @@ def select_edit_types(vocab: dict[str, EditType], names: Sequence[str]) -> list[
 
 
 # ----------------------------------------------------------------------------------- small utils
-def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
-    """'0-3,10,20-21' → [0,1,2,3,10,20,21] (non-negative; order kept, duplicates dropped)."""
-    if isinstance(spec, int):
-        return [spec]
-    if not isinstance(spec, str):
-        return list(dict.fromkeys(int(s) for s in spec))
-    seeds: list[int] = []
-    for part in spec.replace(" ", "").split(","):
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                a, b = part.split("-", 1)
-                seeds.extend(range(int(a), int(b) + 1))
-            else:
-                seeds.append(int(part))
-        except ValueError as e:
-            raise ConfigError(f"bad seed spec '{spec}' (use e.g. '0-999' or '0-9,20')") from e
-    return list(dict.fromkeys(seeds))
-
-
 def stable_seed(*parts: Any) -> int:
     """A 31-bit seed from strings/ints, identical across processes and Python versions."""
     return zlib.crc32("|".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
@@ -347,9 +327,7 @@ def enumerate_inputs(cfg: SourceConfig) -> list[InputItem]:
     if "_" in cfg.dir_name or "/" in cfg.dir_name or not cfg.dir_name:
         raise ConfigError(f"source.dir_name '{cfg.dir_name}' must be non-empty without '_' or '/'")
     if cfg.kind == "eg3d":
-        seeds = parse_seeds(cfg.seeds)
-        if any(s < 0 for s in seeds):
-            raise ConfigError("EG3D seeds must be ≥ 0")
+        seeds = parse_seeds(cfg.seeds, what="source.seeds")
         return [InputItem(i, f"{_dir_for(cfg, s)}/seed{s:07d}.png", seed=s) for i, s in enumerate(seeds)]
     if cfg.kind == "photos":
         root = Path(cfg.photos_dir)
@@ -852,17 +830,22 @@ def _group_ready() -> bool:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
+    """`python -m datasets.datagen` (and `train_scripts.py datagen`): 0 = done, 1 = some units failed
+    (a rerun retries them), 2 = a config error (one line on stderr). Rank 0 prints the summary as JSON."""
     ap = argparse.ArgumentParser(prog="python -m datasets.datagen", description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=None, help="YAML config (configs/datagen.yaml)")
     ap.add_argument("--merge-only", action="store_true", help="only merge the per-rank manifests/labels")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. source.seeds=0-99")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.merge_only:
-        cfg = load_config(DatagenConfig, args.config, args.overrides)
-        print(json.dumps(merge_outputs(cfg.output_dir)))
-        return 0
-    summary = main(args.config, args.overrides)
+    try:
+        if args.merge_only:
+            cfg = load_config(DatagenConfig, args.config, args.overrides)
+            print(json.dumps(merge_outputs(cfg.output_dir)))
+            return 0
+        summary = main(args.config, args.overrides)
+    except ThreeDPEError as e:
+        return report_user_error(e)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "per_rank"}))
     return 1 if summary["failed"] else 0

@@ -26,27 +26,37 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.errors import ThreeDPEError
+from utils.errors import ConfigError, ThreeDPEError
 
 
-def parse_seeds(text: str) -> list[int]:
-    """'11-12' → [11, 12]; '1,3,5-7' → [1, 3, 5, 6, 7]."""
+def parse_seeds(spec: str | int | Sequence[int], what: str = "seeds") -> list[int]:
+    """The project's one seed-list parser: '0-3,10,2' → [0, 1, 2, 3, 10]; an int or a list of ints as is.
+
+    Ranges are inclusive; order is kept and repeats dropped. A reversed range ('5-3'), a negative seed,
+    text that is no seed, or an empty list raise ConfigError naming `what` (the option or config key).
+    """
+    if isinstance(spec, int):
+        parts: list[str] = [str(spec)]
+    elif isinstance(spec, str):
+        parts = [p.strip() for p in spec.split(",") if p.strip()]
+    else:
+        parts = [str(s) for s in spec]
     seeds: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
+    for part in parts:
+        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)|(\d+)", part)
+        if m is None:
+            raise ConfigError(f"{what}: '{part}' is not a seed or a range (non-negative integers, e.g. '0-999' or "
+                              "'0-9,20')")
+        if m.group(3) is not None:
+            seeds.append(int(m.group(3)))
             continue
-        m = re.fullmatch(r"(\d+)-(\d+)", part)
-        if m:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if hi < lo:
-                raise ValueError(f"bad seed range '{part}'")
-            seeds.extend(range(lo, hi + 1))
-        else:
-            seeds.append(int(part))
+        lo, hi = int(m.group(1)), int(m.group(2))
+        if hi < lo:
+            raise ConfigError(f"{what}: the range '{part}' runs backwards; write it low-high ('{hi}-{lo}')")
+        seeds.extend(range(lo, hi + 1))
     if not seeds:
-        raise ValueError(f"no seeds in '{text}'")
-    return seeds
+        raise ConfigError(f"{what}: no seeds in {spec!r} (e.g. '0-999' or '0-9,20')")
+    return list(dict.fromkeys(seeds))
 
 
 def load_generator(network: str | Path, device: torch.device | None = None) -> nn.Module:
@@ -139,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from utils.device import resolve_device
 
     try:
-        seeds = parse_seeds(args.seeds)
+        seeds = parse_seeds(args.seeds, what="--seeds")
         device = resolve_device(args.device)
         gen = load_generator(args.network, device)
     except (ThreeDPEError, FileNotFoundError, ValueError) as e:
