@@ -118,3 +118,16 @@ def test_datagen_merge_only(tmp_path, capsys):
     assert json.loads(script_out) == json.loads(module_out) and json.loads(script_out)["inputs"] == 1
     assert json.loads((outs[1] / "dataset.json").read_text()) == {"labels": [["ffhq/p0.png", [0.5] * 25]]}
     assert len(datagen.read_jsonl(outs[1] / "manifest.jsonl")) == 1
+
+
+def test_malformed_yaml_is_one_line(tmp_path: Path):
+    """A config file that is not YAML, and an override value that is not YAML: one line each, exit 2."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\nseed: 1\n")
+    for args in (["train", "--config", str(bad)], ["train", "--config", "configs/train_tiny.yaml", "name=[x"]):
+        proc = subprocess.run([sys.executable, str(ROOT / "train_scripts.py"), *args], cwd=ROOT, capture_output=True,
+                              text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and ("bad.yaml" in lines[0] or "name=[x" in lines[0]), proc.stderr

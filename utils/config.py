@@ -102,7 +102,10 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}': '{p}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': the value is not valid YAML (quote it, e.g. {key}='\"...\"')") from e
     return data
 
 
@@ -113,7 +116,12 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file '{p}' not found")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            raise ConfigError(f"config file '{p}' is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file '{p}' must hold a mapping")
         _deep_update(data, loaded)
