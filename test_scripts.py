@@ -241,7 +241,9 @@ class _Runner:
         for i, v in enumerate(views.split(1)):
             save_png(out / f"{job.stem}_view{i}.png", tensor_to_uint8(v[0]))
         if job.prompt is not None:
-            (out / f"{job.stem}_prompt.txt").write_text(job.prompt + "\n", encoding="utf-8")
+            from utils.atomic import atomic_write_text
+
+            atomic_write_text(out / f"{job.stem}_prompt.txt", job.prompt + "\n")
         if self.args.save_triplane:
             from safetensors.torch import save_file
 

@@ -5,15 +5,17 @@
     python train_scripts.py train --config configs/train.yaml --nproc 8      # launches torchrun itself
     python train_scripts.py train --config configs/train.yaml                # one process
     python train_scripts.py train --config configs/train.yaml name=run1 --resume   # newest checkpoint of run1
-    python train_scripts.py datagen --config configs/datagen.yaml
+    python train_scripts.py datagen --config configs/datagen.yaml [--merge-only]
     python train_scripts.py customize --pairs DIR --base CHECKPOINT [--instruction TEXT] [--name NAME]
 
 `--nproc` without a number uses every visible GPU (1 on a CPU machine).
+`datagen` is `python -m tools.datagen` (same summary, `--merge-only`, exit code 1 when units failed).
+A user error (a bad config key or value, a missing file or folder) prints one line `error: ...` and exits
+with code 2; under torchrun every rank that hits it prints its line, prefixed with its rank.
 """
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
@@ -42,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
         if name in ("train", "customize"):
             s.add_argument("--resume", nargs="?", const="auto", default=None,
                            help="resume the run: no value = its newest checkpoint, or a checkpoint directory")
+        if name == "datagen":
+            s.add_argument("--merge-only", action="store_true", help="only merge the per-rank manifests/labels")
         if name == "customize":
             s.add_argument("--pairs", default=None, help="DIR with input/<stem>.png (+ edited/<stem>.png)")
             s.add_argument("--base", default=None, help="trained 3DPE checkpoint (3dpe.pt or project format)")
@@ -51,10 +55,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """Re-run this script under torchrun with `nproc` processes on this node (the --nproc flag removed)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(Path(__file__).resolve()), *argv]
-    return subprocess.call(cmd)
+    """Run this script under torchrun with `nproc` processes on this node (the --nproc flag removed).
+
+    The launcher runs in this process, so a failed rank ends in one line (its own message is above it)
+    instead of torchrun's ChildFailedError traceback. Returns the first failed rank's exit code.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}",
+                                         str(Path(__file__).resolve()), *argv])
+    try:
+        run(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        print(f"error: {len(e.failures)} of {nproc} processes failed; rank {rank} first, with exit code "
+              f"{failure.exitcode} (its message is above)", file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
 
 
 def _strip_nproc(argv: list[str]) -> list[str]:
@@ -73,34 +91,63 @@ def _strip_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
-    from utils.distributed import launched_by_torchrun
+def _config_class(command: str) -> type:
+    if command == "train":
+        from training.train import TrainConfig
 
-    if args.nproc is not None and not launched_by_torchrun():
-        n = _default_nproc() if args.nproc < 0 else args.nproc
-        if n > 1:
-            return _launch_torchrun(n, _strip_nproc(argv))
+        return TrainConfig
+    if command == "datagen":
+        from pipelines.datagen import DatagenConfig
+
+        return DatagenConfig
+    from training.customize import CustomizeConfig
+
+    return CustomizeConfig
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    from utils.distributed import launched_by_torchrun
+    from utils.config import load_config
+
     config = args.config or str(ROOT / "configs" / f"{args.command}.yaml")
     overrides = list(args.overrides)
     if getattr(args, "resume", None):
         overrides.append(f"{'train.' if args.command == 'customize' else ''}resume={args.resume}")
+    if args.nproc is not None and not launched_by_torchrun():
+        n = _default_nproc() if args.nproc < 0 else args.nproc
+        if n > 1:
+            load_config(_config_class(args.command), config, overrides)  # a bad key fails here, not on n ranks
+            return _launch_torchrun(n, _strip_nproc(argv))
 
     if args.command == "train":
         from training.train import run
 
         run(config, overrides)
     elif args.command == "datagen":
-        from pipelines.datagen import main as datagen_main
+        from tools.datagen import cli as datagen_cli
 
-        datagen_main(config, overrides)
+        return datagen_cli(["--config", config, *(["--merge-only"] if args.merge_only else []), *overrides])
     else:
         from training.customize import run as customize_run
 
         customize_run(config, overrides, pairs=args.pairs, base=args.base, instruction=args.instruction,
                       name=args.name)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv` (default: sys.argv[1:]) and run the subcommand; returns the exit code.
+
+    0 = done, 1 = datagen finished with failed units (a rerun retries them), 2 = usage or config error.
+    """
+    from utils.errors import ThreeDPEError, report_user_error
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args, argv)
+    except ThreeDPEError as e:
+        return report_user_error(e)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The training reader: (portrait, edited portrait, reference of the same edit, instruction, camera).
 
-Reads the 3DPE dataset layout (the released `3dpe_dataset/{train,test}` and what `datasets/datagen.py` writes)::
+Reads the 3DPE dataset layout (the released `3dpe_dataset/{train,test}` and what `pipelines/datagen.py` writes)::
 
     ROOT/dataset.json               {"labels": [["<dir>/<file>.png", [25 floats]], ...]}  one label per input
     ROOT/<dir>/<file>.png           inputs

@@ -29,8 +29,6 @@ import importlib
 import json
 import os
 import pickle
-import shutil
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from utils.atomic import atomic_directory, atomic_torch_save
 from utils.errors import ConfigError, MissingWeightsError, UnknownCheckpointFormatError
 
 FORMAT_VERSION = 1
@@ -524,22 +523,9 @@ def save_pretrained(
         "config": {comp: _to_dict(c) for comp, c in config.items() if comp in components},
         "source": _json_safe(dict(source or {})),
     }
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(dst) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "key_order": json.dumps(order)})
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg_json, indent=2) + "\n")
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dst
 
 
@@ -691,10 +677,7 @@ def export_original_3dpe(
         "encoder_optimizer": dict(encoder_optimizer),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(obj, path)
     return path
 
 
@@ -761,10 +744,7 @@ def write_eg3d_pth(
         "D": _cpu_contiguous(D_sd or {}),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    torch.save(obj, tmp, pickle_module=ORIGINAL_NAMES_PICKLE_MODULE)
-    os.replace(tmp, path)
+    atomic_torch_save(obj, path, pickle_module=ORIGINAL_NAMES_PICKLE_MODULE)
     return path
 
 
@@ -827,3 +807,14 @@ def export_3dpe_pt(ckpt: LoadedCheckpoint, path: str | os.PathLike) -> Path:
     return export_original_3dpe(path, ckpt.components["encoder"], ckpt.components["renderer"],
                                 ckpt.components.get("discriminator"), step=int(ckpt.meta.get("step") or 0),
                                 opts=ckpt.meta.get("opts") or {})
+
+
+def load_eg3d_generator(network: str | os.PathLike, device: torch.device | None = None) -> nn.Module:
+    """The one EG3D generator loader: a `TriPlaneGenerator` from an NVIDIA .pkl, a converted .pth or a project
+    checkpoint holding one, in eval mode without gradients, on `device` (default CPU)."""
+    ckpt = load_checkpoint(network)
+    if "generator" not in ckpt.components:
+        raise ConfigError(f"'{network}' is a {ckpt.format} checkpoint without an EG3D generator; pass the EG3D .pkl, "
+                          "the converted .pth, or a project checkpoint converted from one")
+    gen = build_models(ckpt, components=("generator",))["generator"]
+    return gen.to(device or torch.device("cpu")).eval().requires_grad_(False)

@@ -21,7 +21,6 @@ written, so a killed job rerun with the same config resumes without redoing or d
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import logging
@@ -38,10 +37,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.atomic import atomic_write
-from utils.config import load_config, save_config
-from utils.device import resolve_device
 from datasets.layout import EditType, load_vocabulary, read_dataset_labels, read_jsonl
+from utils.atomic import atomic_write
+from utils.config import load_config, parse_seeds, save_config
+from utils.device import resolve_device
 from utils.errors import ConfigError
 
 log = logging.getLogger("datagen")
@@ -102,7 +101,9 @@ class DatagenConfig:
     edit: EditConfig = field(default_factory=EditConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     output_dir: str = "data/3dpe_ours/train"
-    batch_size: int = 4  # inputs per batch (EG3D rendering and each InstructPix2Pix call)
+    batch_size: int = 4  # inputs handled per step (per model call too when batch_invariant is false)
+    batch_invariant: bool = True  # model calls one sample at a time: outputs independent of batching and sharding
+    threads: int = 1  # torch intra-op CPU threads per rank (torch.set_num_threads); 0 = leave the launcher's
     device: str = "auto"  # auto → cuda:LOCAL_RANK when CUDA is present, else cpu
     fp16: bool = True  # fp16 InstructPix2Pix on CUDA (ignored on CPU)
     distributed: str = "auto"  # auto: init a process group when WORLD_SIZE>1 and MASTER_ADDR is set | off
@@ -121,27 +122,6 @@ def select_edit_types(vocab: dict[str, EditType], names: Sequence[str]) -> list[
 
 
 # ----------------------------------------------------------------------------------- small utils
-def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
-    """'0-3,10,20-21' → [0,1,2,3,10,20,21] (non-negative; order kept, duplicates dropped)."""
-    if isinstance(spec, int):
-        return [spec]
-    if not isinstance(spec, str):
-        return list(dict.fromkeys(int(s) for s in spec))
-    seeds: list[int] = []
-    for part in spec.replace(" ", "").split(","):
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                a, b = part.split("-", 1)
-                seeds.extend(range(int(a), int(b) + 1))
-            else:
-                seeds.append(int(part))
-        except ValueError as e:
-            raise ConfigError(f"bad seed spec '{spec}' (use e.g. '0-999' or '0-9,20')") from e
-    return list(dict.fromkeys(seeds))
-
-
 def stable_seed(*parts: Any) -> int:
     """A 31-bit seed from strings/ints, identical across processes and Python versions."""
     return zlib.crc32("|".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
@@ -271,9 +251,7 @@ def enumerate_inputs(cfg: SourceConfig) -> list[InputItem]:
     if "_" in cfg.dir_name or "/" in cfg.dir_name or not cfg.dir_name:
         raise ConfigError(f"source.dir_name '{cfg.dir_name}' must be non-empty without '_' or '/'")
     if cfg.kind == "eg3d":
-        seeds = parse_seeds(cfg.seeds)
-        if any(s < 0 for s in seeds):
-            raise ConfigError("EG3D seeds must be ≥ 0")
+        seeds = parse_seeds(cfg.seeds, what="source.seeds")
         return [InputItem(i, f"{_dir_for(cfg, s)}/seed{s:07d}.png", seed=s) for i, s in enumerate(seeds)]
     if cfg.kind == "photos":
         root = Path(cfg.photos_dir)
@@ -319,16 +297,14 @@ def build_generator(cfg: SourceConfig, device: torch.device) -> torch.nn.Module:
             torch.manual_seed(0)
             gen = TriPlaneGenerator(GeneratorConfig.tiny())
     else:
-        from models.checkpoint import build_models, load_checkpoint
+        from models.checkpoint import load_eg3d_generator
 
-        gen = build_models(load_checkpoint(cfg.network), components=("generator",)).get("generator")
-        if gen is None:
-            raise ConfigError(f"'{cfg.network}' holds no EG3D generator (need an EG3D pkl/pth or a project checkpoint with one)")
+        return load_eg3d_generator(cfg.network, device)
     return gen.to(device).eval().requires_grad_(False)
 
 
 def build_editor(cfg: EditConfig, device: torch.device, fp16: bool, batch_size: int = 4) -> Any:
-    """The InstructPix2Pix wrapper (datasets/instruct_pix2pix.py); fp16 on CUDA when `fp16`."""
+    """The InstructPix2Pix wrapper (pipelines/instruct_pix2pix.py); fp16 on CUDA when `fp16`."""
     from pipelines import instruct_pix2pix as ip2p
 
     dtype = "fp16" if (fp16 and device.type == "cuda") else "fp32"
@@ -340,7 +316,7 @@ def build_editor(cfg: EditConfig, device: torch.device, fp16: bool, batch_size: 
 
 
 def build_scorer(cfg: FilterConfig, device: torch.device) -> Any:
-    """CLIP scorer (utils/clip_scores.py) from local open_clip weights, or a tiny random one."""
+    """CLIP scorer (pipelines/clip_scores.py) from local open_clip weights, or a tiny random one."""
     from pipelines.clip_scores import ClipScorer
 
     if cfg.clip_model == TINY:
@@ -354,13 +330,29 @@ def build_scorer(cfg: FilterConfig, device: torch.device) -> Any:
 
 
 # ------------------------------------------------------------------------------------ the worker
+def _one_at_a_time(fn: Callable[[slice], Any], n: int, per_sample: bool) -> Any:
+    """`fn(slice(0, n))`, or, with `per_sample`, `fn` on each sample's slice and the results concatenated.
+
+    Convolutions and matrix products pick their blocking (hence their summation order) by batch shape, so
+    a sample's result can change in the last bit with what else is in its batch; one sample per call makes
+    it depend on that sample alone. `fn` returns a tensor with the batch first, or a dict of such tensors.
+    """
+    if not per_sample or n <= 1:
+        return fn(slice(0, n))
+    parts = [fn(slice(i, i + 1)) for i in range(n)]
+    if isinstance(parts[0], dict):
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)
+
+
 @torch.inference_mode()
 def render_eg3d(gen: torch.nn.Module, items: Sequence[InputItem], cfg: SourceConfig, device: torch.device) -> dict:
     """Render the EG3D inputs of `items` → {'images': B×3×H×W [-1,1] (cpu), 'cameras': B×25, 'z', 'ws'}.
 
     z = RandomState(seed).randn(z_dim); the camera of each sample is its own draw (seeded by
     camera_seed + seed) from the training pose distribution, or frontal; it is both the mapping's
-    pose condition and the rendering camera, so results do not depend on batch composition.
+    pose condition and the rendering camera, so a sample's inputs do not depend on batch composition (its
+    pixels can, by float rounding; `_Worker` renders one sample per call when `batch_invariant`).
     """
     from utils import cameras as cams
 
@@ -500,7 +492,9 @@ class _Worker:
         if missing:
             new_labels = []
             if src.kind == "eg3d":
-                r = render_eg3d(self.c.generator, [items[i] for i in missing], src, self.device)
+                todo = [items[i] for i in missing]
+                r = _one_at_a_time(lambda sl: render_eg3d(self.c.generator, todo[sl], src, self.device), len(todo),
+                                   self.cfg.batch_invariant)
                 for j, i in enumerate(missing):
                     it = items[i]
                     for t in _stale_temps_for(self.out / it.rel):
@@ -542,27 +536,41 @@ class _Worker:
         variants = _variants(ecfg)
         instr = {it.rel: _instructions_for(it.rel, et, ecfg.instructions_per_edit, ecfg.seed) for it in items}
         n = len(items)
+        per_sample = self.cfg.batch_invariant
         try:
             edits, dscores, iscores, seeds = [], [], [], []
             for v in variants:
                 vs = [stable_seed("edit", ecfg.seed, it.rel, et.name, v.slot, v.seed_index) for it in items]
+                prompts = [instr[it.rel][v.slot] for it in items]
+
+                def edit(sl: slice, v: Variant = v, vs: list[int] = vs, prompts: list[str] = prompts) -> torch.Tensor:
+                    out = self.c.editor(images[sl].to(self.device), prompts[sl], seeds=vs[sl],
+                                        guidance_scale=v.guidance_scale, image_guidance_scale=v.image_guidance_scale,
+                                        steps=ecfg.steps)
+                    out = out.float().clamp(-1, 1).cpu()
+                    if out.shape[-2:] != images.shape[-2:]:
+                        out = F.interpolate(out, size=images.shape[-2:], mode="bilinear", antialias=True,
+                                            align_corners=False).clamp(-1, 1)
+                    return out
+
                 t0 = time.perf_counter()
-                out = self.c.editor(images.to(self.device), [instr[it.rel][v.slot] for it in items], seeds=vs,
-                                    guidance_scale=v.guidance_scale, image_guidance_scale=v.image_guidance_scale,
-                                    steps=ecfg.steps)
+                out = _one_at_a_time(edit, n, per_sample)
                 self.edit_seconds += time.perf_counter() - t0
-                out = out.float().clamp(-1, 1).cpu()
-                if out.shape[-2:] != images.shape[-2:]:
-                    out = F.interpolate(out, size=images.shape[-2:], mode="bilinear", antialias=True,
-                                        align_corners=False).clamp(-1, 1)
                 edits.append(out)
                 seeds.append(vs)
                 if fcfg.enabled:
-                    with torch.inference_mode():
-                        d = self.c.scorer.directional_similarity(images, out, [et.source_caption] * n, [et.target_caption] * n)
-                        s = self.c.scorer.image_similarity(images, out)
-                    dscores.append(torch.as_tensor(d).float().cpu().reshape(n))
-                    iscores.append(torch.as_tensor(s).float().cpu().reshape(n))
+                    def scores(sl: slice, out: torch.Tensor = out) -> dict[str, torch.Tensor]:
+                        k = len(range(n)[sl])
+                        with torch.inference_mode():
+                            d = self.c.scorer.directional_similarity(images[sl], out[sl], [et.source_caption] * k,
+                                                                     [et.target_caption] * k)
+                            s = self.c.scorer.image_similarity(images[sl], out[sl])
+                        return {"d": torch.as_tensor(d).float().cpu().reshape(k),
+                                "s": torch.as_tensor(s).float().cpu().reshape(k)}
+
+                    sc = _one_at_a_time(scores, n, per_sample)
+                    dscores.append(sc["d"])
+                    iscores.append(sc["s"])
         except Exception:  # noqa: BLE001 - count, log and go on; a rerun retries these units
             log.error("rank %d: %s on %s failed:\n%s", self.dist.rank, et.name, [it.rel for it in items], traceback.format_exc())
             self.counts["failed"] += n
@@ -660,6 +668,24 @@ def main(config_path: str | os.PathLike | None = None, overrides: Sequence[str] 
 
 def _run(cfg: DatagenConfig, device: torch.device, dist: DistInfo, comps: Components,
          on_unit_done: Callable[[dict], None] | None) -> dict:
+    """`_generate` with torch's intra-op thread count set to `cfg.threads` (restored afterwards).
+
+    The thread count changes how CPU kernels split their sums, so it is part of what makes a run
+    reproducible; it is set here rather than left to the launcher (torchrun sets OMP_NUM_THREADS=1).
+    """
+    if cfg.threads < 0:
+        raise ConfigError(f"threads must be >= 0 (0 keeps torch's own setting), got {cfg.threads}")
+    before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _generate(cfg, device, dist, comps, on_unit_done)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _generate(cfg: DatagenConfig, device: torch.device, dist: DistInfo, comps: Components,
+              on_unit_done: Callable[[dict], None] | None) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab = load_vocabulary(cfg.edit.vocabulary)
@@ -723,24 +749,3 @@ def _group_ready() -> bool:
     import torch.distributed as tdist
 
     return tdist.is_available() and tdist.is_initialized()
-
-
-def cli(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipelines.datagen", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default=None, help="YAML config (configs/datagen.yaml)")
-    ap.add_argument("--merge-only", action="store_true", help="only merge the per-rank manifests/labels")
-    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. source.seeds=0-99")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.merge_only:
-        cfg = load_config(DatagenConfig, args.config, args.overrides)
-        print(json.dumps(merge_outputs(cfg.output_dir)))
-        return 0
-    summary = main(args.config, args.overrides)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: v for k, v in summary.items() if k != "per_rank"}))
-    return 1 if summary["failed"] else 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

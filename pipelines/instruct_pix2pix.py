@@ -6,8 +6,10 @@ checkpoint (e.g. the released 3dpe.pt) is turned into a reference image first:
     editor = InstructPix2PixEditor(InstructPix2PixConfig())          # loads timbrooks/instruct-pix2pix
     edited = editor(images, ["turn him into a zombie"] * n, seeds=[0, 1, ...])   # N×3×H×W in [-1,1]
 
-Every sample gets its own `torch.Generator` (CPU) seeded from its seed, so a sample's result does not depend
-on what else is in the batch, nor on the device the noise is drawn for.
+Every sample gets its own `torch.Generator` (CPU) seeded from its seed, so a sample's noise does not depend
+on what else is in the batch, nor on the device the noise is drawn for. Its pixels can still change by float
+rounding with the batch (kernels choose their blocking, hence their summation order, by batch shape):
+call it with one sample at a time when results must be bit-exact (pipelines/datagen.py does).
 `build_tiny_instruct_pix2pix()` builds a random, tiny pipeline fully offline (tests, benchmarks).
 """
 from __future__ import annotations
@@ -46,7 +48,8 @@ class InstructPix2PixConfig:
     dtype: 'auto' (fp16 on CUDA, fp32 on CPU), 'fp32', 'fp16' or 'bf16'.
     resolution: the longer image side the edit runs at (rounded to the VAE's multiple); the result is
         resized back to the input size.
-    batch_size: samples per pipeline call (results do not depend on it).
+    batch_size: samples per pipeline call; more is faster on a GPU, but a sample's pixels may differ slightly
+        (float rounding, carried through the sampling steps) with the other samples of its call.
     disable_safety_checker: load without the NSFW checker (it blacks out false positives on portraits).
     """
 
@@ -186,6 +189,8 @@ def clip_bpe_tokenizer_files(folder: str | os.PathLike) -> tuple[Path, Path]:
     transformers' CLIPTokenizer. Returns the two paths."""
     from open_clip.tokenizer import SimpleTokenizer
 
+    from utils.atomic import atomic_write_text
+
     tok = SimpleTokenizer()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -193,9 +198,9 @@ def clip_bpe_tokenizer_files(folder: str | os.PathLike) -> tuple[Path, Path]:
     # open_clip names the two special tokens differently from the original CLIP/HF files; the ids are the same.
     renames = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
     encoder = {renames.get(k, k): v for k, v in tok.encoder.items()}
-    vocab.write_text(json.dumps(encoder, ensure_ascii=False), encoding="utf-8")
+    atomic_write_text(vocab, json.dumps(encoder, ensure_ascii=False))
     ranked = sorted(tok.bpe_ranks.items(), key=lambda kv: kv[1])
-    merges.write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for (a, b), _ in ranked) + "\n", encoding="utf-8")
+    atomic_write_text(merges, "#version: 0.2\n" + "\n".join(f"{a} {b}" for (a, b), _ in ranked) + "\n")
     return vocab, merges
 
 

@@ -33,8 +33,7 @@ def _pairs(root: Path, n: int = 4, with_edits: bool = True, res: int = 64) -> Pa
     return root
 
 
-@pytest.fixture(scope="module")
-def base_checkpoint(tmp_path_factory) -> Path:
+def _tiny_base(root: Path, prompt_encoder: str = "mae") -> Path:
     """A tiny 'trained' 3DPE model in the project format (encoder, renderer, discriminator)."""
     from models.checkpoint import save_pretrained
     from models.discriminator import DiscriminatorConfig, EditingDualDiscriminator
@@ -43,11 +42,22 @@ def base_checkpoint(tmp_path_factory) -> Path:
     from models.eg3d.triplane_renderer import TriplaneRenderer
 
     torch.manual_seed(1)
-    e_cfg, r_cfg, d_cfg = EditingEncoderConfig.tiny(), RendererConfig.tiny(), DiscriminatorConfig.tiny(64)
+    e_cfg, r_cfg = EditingEncoderConfig.tiny(prompt_encoder), RendererConfig.tiny()
+    d_cfg = DiscriminatorConfig.tiny(64)
     comps = {"encoder": EditingEncoder(e_cfg).state_dict(), "renderer": TriplaneRenderer(r_cfg).state_dict(),
              "discriminator": EditingDualDiscriminator(d_cfg).state_dict()}
-    return save_pretrained(tmp_path_factory.mktemp("base") / "base", comps, "3dpe",
-                           {"encoder": e_cfg, "renderer": r_cfg, "discriminator": d_cfg}, {"test": True})
+    return save_pretrained(root / "base", comps, "3dpe", {"encoder": e_cfg, "renderer": r_cfg, "discriminator": d_cfg},
+                           {"test": True})
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory) -> Path:
+    return _tiny_base(tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="module")
+def clip_base_checkpoint(tmp_path_factory) -> Path:
+    return _tiny_base(tmp_path_factory.mktemp("clip_base"), "clip")
 
 
 def test_pairs_reader_labels_and_references(tmp_path):
@@ -115,6 +125,115 @@ def test_customize_needs_pairs(tmp_path):
 
     with pytest.raises(ConfigError, match="--pairs"):
         main(CustomizeConfig())
-    (tmp_path / "input").mkdir()
+    _pairs(tmp_path, n=1, with_edits=False)
     with pytest.raises(ConfigError, match="edited"):
         main(CustomizeConfig(pairs=str(tmp_path)))
+
+
+# ---------------------------------------------------------------------------------- `train_scripts.py customize`
+def _cli(argv: list[str], capsys) -> tuple[int, str]:
+    """Run `train_scripts.py customize ...` in-process; (exit code, stderr)."""
+    sys.path.insert(0, str(ROOT))
+    import train_scripts
+
+    capsys.readouterr()
+    rc = train_scripts.main(["customize", "--config", str(CUSTOMIZE), *argv])
+    return rc, capsys.readouterr().err
+
+
+def _error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_customize_missing_input_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "pairs").mkdir()
+    rc, err = _cli(["--pairs", str(tmp_path / "pairs"), *TINY_OVERRIDES], capsys)
+    line = _error_line(err)
+    assert rc == 2 and str(tmp_path / "pairs" / "input") in line and "does not exist" in line
+    rc, err = _cli(["--pairs", str(tmp_path / "nowhere"), *TINY_OVERRIDES], capsys)
+    assert rc == 2 and str(tmp_path / "nowhere") in _error_line(err)
+
+
+def test_customize_empty_folders_are_one_line(tmp_path, capsys):
+    pairs = tmp_path / "pairs"
+    (pairs / "input").mkdir(parents=True)
+    (pairs / "edited").mkdir()
+    rc, err = _cli(["--pairs", str(pairs), *TINY_OVERRIDES], capsys)
+    line = _error_line(err)
+    assert rc == 2 and f"'{pairs / 'input'}' holds no image" in line
+    _pairs(pairs, n=2, with_edits=False)
+    rc, err = _cli(["--pairs", str(pairs), *TINY_OVERRIDES], capsys)
+    line = _error_line(err)
+    assert rc == 2 and f"'{pairs / 'edited'}' holds no image" in line and "<stem>" in line
+
+
+def test_customize_no_matching_stems_is_one_line(tmp_path, capsys):
+    pairs = _pairs(tmp_path / "pairs", n=2)
+    for p in (pairs / "edited").iterdir():
+        p.rename(p.with_name("x" + p.name))
+    rc, err = _cli(["--pairs", str(pairs), *TINY_OVERRIDES], capsys)
+    line = _error_line(err)
+    assert rc == 2 and str(pairs / "input") in line and str(pairs / "edited") in line and "same stem" in line
+
+
+def test_customize_skips_unmatched_inputs_with_one_warning(tmp_path, capsys, base_checkpoint):
+    pairs = _pairs(tmp_path / "pairs", n=4)
+    (pairs / "edited" / "p1.png").unlink()
+    (pairs / "edited" / "p3.png").unlink()
+    rc, err = _cli(["--pairs", str(pairs), "--base", str(base_checkpoint), "--name", "partial", *TINY_OVERRIDES,
+                    "train.max_steps=1", "train.loss.multiview=false", "train.gan.enabled=false",
+                    f"train.exp_dir={tmp_path / 'exps'}"], capsys)
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if "warning" in line.lower()]
+    assert len(warnings) == 1, err
+    assert "p1.png" in warnings[0] and "p3.png" in warnings[0] and "p0.png" not in warnings[0]
+    assert (tmp_path / "exps" / "partial" / "final" / "model.safetensors").is_file()
+
+
+def _record_prompts(monkeypatch) -> list[tuple[list[str], list[bool]]]:
+    """Spy on the student's training forwards: (texts, use_text) per call (texts None = reference images)."""
+    from training.train import Student
+
+    calls: list = []
+    forward = Student.forward
+
+    def spy(self, image, reference, cameras, deterministic=False, texts=None, use_text=None):
+        calls.append((None if texts is None else list(texts),
+                      [False] * image.shape[0] if use_text is None else use_text.tolist()))
+        return forward(self, image, reference, cameras, deterministic, texts, use_text)
+
+    monkeypatch.setattr(Student, "forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("instruction", ["make it bronze", None])
+def test_clip_base_prompts_are_the_instruction_or_the_reference(tmp_path, capsys, monkeypatch, clip_base_checkpoint,
+                                                                 instruction):
+    """A CLIP-prompt base: every sample's prompt is the --instruction text, without one its reference image."""
+    from pipelines import instruct_pix2pix as ip2p_module
+    from pipelines.instruct_pix2pix import InstructPix2PixConfig, InstructPix2PixEditor, build_tiny_instruct_pix2pix
+
+    def tiny_editor(cfg, device=None):  # what the --instruction run builds instead of the real InstructPix2Pix
+        return InstructPix2PixEditor.from_pipeline(build_tiny_instruct_pix2pix(),
+                                                   InstructPix2PixConfig(steps=2, resolution=64))
+
+    monkeypatch.setattr(ip2p_module, "InstructPix2PixEditor", tiny_editor)
+    calls = _record_prompts(monkeypatch)
+    pairs = _pairs(tmp_path / "pairs", n=2, with_edits=instruction is None)
+    argv = ["--pairs", str(pairs), "--base", str(clip_base_checkpoint), "--name", "clip", *TINY_OVERRIDES,
+            "train.max_steps=2", "train.loss.multiview=false", "train.gan.enabled=false",
+            f"train.exp_dir={tmp_path / 'exps'}"]
+    rc, err = _cli([*argv, *(["--instruction", instruction] if instruction else [])], capsys)
+    assert rc == 0, err
+    assert len(calls) == 2
+    for texts, use_text in calls:
+        if instruction:
+            assert texts == [instruction] * len(texts) and all(use_text)
+        else:
+            assert not any(use_text)  # the reference image, never an empty text
+    from models.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "exps" / "clip" / "final").configs["encoder"].prompt_encoder == "clip"

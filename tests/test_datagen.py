@@ -268,3 +268,17 @@ def test_vocabulary_and_seed_specs() -> None:
     shards = [datagen.shard(items, r, 3) for r in range(3)]
     assert sorted(i.rel for s in shards for i in s) == sorted(i.rel for i in items)
     assert sum(len(s) for s in shards) == len(items)
+
+
+def test_one_seed_parser_rejects_reversed_ranges() -> None:
+    from tools import eg3d_samples
+    from utils.errors import ConfigError
+
+    assert datagen.parse_seeds is eg3d_samples.parse_seeds  # one parser for both tools
+    assert datagen.parse_seeds(" 0-2, 7 ,1") == [0, 1, 2, 7] and datagen.parse_seeds(5) == [5]
+    for bad, says in (("5-3", "'5-3' runs backwards"), ("-3", "'-3' is not a seed"), ("a-b", "'a-b'"),
+                      ("", "no seeds")):
+        with pytest.raises(ConfigError, match=says):
+            datagen.parse_seeds(bad, what="source.seeds")
+    with pytest.raises(ConfigError, match="source.seeds: the range '5-3'"):
+        datagen.enumerate_inputs(load_config(DatagenConfig, TINY, ["source.seeds=5-3"]).source)

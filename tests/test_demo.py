@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import socket
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,3 +146,69 @@ def test_app_launches_headless_and_answers(session, astronaut):
         assert spy.edits == 1  # the request only rendered
     finally:
         app.close()
+
+
+# ------------------------------------------------------------------ the temporary folder goes when the demo stops
+def test_session_temp_dir_removed_on_close(astronaut):
+    editor = PortraitEditor.random_init(tiny=True, seed=0, device="cpu")
+    with demo.DemoSession(editor, detector=MTCNNDetector(device="cpu"), orbit_frames=2, input_size=CROP) as s:
+        s.set_portrait(astronaut)
+        s.set_prompt(reference=_noise(1))
+        _, video = s.edit()
+        work = s.work_dir
+        assert Path(video).parent == work and Path(video).is_file()
+    assert not work.exists()
+    s.close()  # idempotent
+
+
+def test_given_work_dir_is_kept(tmp_path):
+    editor = PortraitEditor.random_init(tiny=True, seed=0, device="cpu")
+    demo.DemoSession(editor, work_dir=tmp_path / "mine").close()
+    assert (tmp_path / "mine").is_dir()
+
+
+@pytest.mark.parametrize("stop", ["returns", "ctrl_c"])
+def test_main_removes_temp_dir_when_it_stops(monkeypatch, stop):
+    """launch returns (the app was closed, or Gradio caught Ctrl-C) or raises KeyboardInterrupt: the folder goes."""
+    pytest.importorskip("gradio", reason="gradio is optional (pip install gradio)")
+    seen = []
+
+    def fake_launch(app, port=None, share=False, block=True, allowed_paths=None):
+        work = Path(allowed_paths[0])
+        seen.append((work, work.is_dir()))
+        if stop == "ctrl_c":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "launch", fake_launch)
+    try:
+        rc = demo.main(["--random-init", "--tiny", "--device", "cpu"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main (a traceback for the user, and pytest would stop here)")
+    assert rc == (0 if stop == "returns" else 130)
+    (work, existed), = seen
+    assert existed and work.name.startswith("threedpe_demo_")
+    assert not work.exists()
+
+
+def test_main_removes_temp_dir_when_app_is_closed(monkeypatch):
+    """A real blocking launch; closing the app (from another thread) ends main and removes the folder."""
+    pytest.importorskip("gradio", reason="gradio is optional (pip install gradio)")
+    import threading
+
+    real_launch = demo.launch
+    seen = []
+
+    def launch_then_close(app, port=None, share=False, block=True, allowed_paths=None):
+        seen.append(Path(allowed_paths[0]))
+        block_thread = app.block_thread
+
+        def close_once_serving():  # launch is done and blocks: the user closes the app from elsewhere
+            threading.Thread(target=app.close, daemon=True).start()
+            block_thread()
+
+        app.block_thread = close_once_serving
+        return real_launch(app, port=port, share=share, block=block, allowed_paths=allowed_paths)
+
+    monkeypatch.setattr(demo, "launch", launch_then_close)
+    assert demo.main(["--random-init", "--tiny", "--device", "cpu", "--port", str(_free_port())]) == 0
+    assert seen and not seen[0].exists()

@@ -63,7 +63,7 @@ def detector() -> MTCNNDetector:
 
 
 def _cli(video: Path, reference: Path, out: Path, *extra: str) -> dict:
-    return ev.main(["--video", str(video), "--ref", str(reference), "--out", str(out), "--random-init", "--tiny",
+    return ev.run(["--video", str(video), "--ref", str(reference), "--out", str(out), "--random-init", "--tiny",
                     "--device", "cpu", "--input-size", str(CROP), "--batch-size", "2", "--no-progress", *extra])
 
 
@@ -98,10 +98,10 @@ def test_cli_side_by_side_and_modes(video: Path, reference: Path, tmp_path: Path
 
 
 def test_cli_user_errors(video: Path, tmp_path: Path):
-    missing = ev.main(["--video", str(tmp_path / "nope.mp4"), "--ref", "x.png", "--out", str(tmp_path / "o.mp4"),
+    missing = ev.run(["--video", str(tmp_path / "nope.mp4"), "--ref", "x.png", "--out", str(tmp_path / "o.mp4"),
                        "--random-init", "--tiny", "--device", "cpu"])
     assert missing["ok"] is False and "not found" in missing["error"]
-    no_prompt = ev.main(["--video", str(video), "--out", str(tmp_path / "o.mp4"), "--random-init", "--tiny",
+    no_prompt = ev.run(["--video", str(video), "--out", str(tmp_path / "o.mp4"), "--random-init", "--tiny",
                          "--device", "cpu", "--no-progress"])
     assert no_prompt["ok"] is False and "--ref" in no_prompt["error"]
     assert not (tmp_path / "o.mp4").exists()
@@ -238,3 +238,75 @@ def test_camera_plans():
     assert torch.equal(a, b) and not torch.equal(a, orbit(ev.FrameTrack(2, track.frame)))
     with pytest.raises(ValueError):
         ev.VideoEditConfig(camera="sideways").validate()
+
+
+# --------------------------------------------------------------------------------------------------
+# unreadable inputs: one line naming the file, no traceback, no ffmpeg dump (unless --verbose)
+# --------------------------------------------------------------------------------------------------
+
+
+def _bad_videos(root: Path, good: Path) -> dict[str, Path]:
+    """Paths that are not usable videos: missing, a text file, truncated mp4 bytes, a folder."""
+    text = root / "notes.mp4"
+    text.write_text("this is not a video\n")
+    truncated = root / "truncated.mp4"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # moov atom (at the end) cut off
+    folder = root / "clips.mp4"
+    folder.mkdir()
+    return {"missing": root / "missing.mp4", "text": text, "truncated": truncated, "folder": folder}
+
+
+BAD_KINDS = ("missing", "text", "truncated", "folder")
+EXPECTED_PROBLEM = {"missing": "not found", "text": "cannot be opened as a video",
+                    "truncated": "cannot be opened as a video", "folder": "is a folder"}
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_cli_bad_video_is_one_line(kind: str, video: Path, reference: Path, tmp_path: Path, capfd):
+    bad = _bad_videos(tmp_path, video)[kind]
+    out = tmp_path / "o.mp4"
+    summary = _cli(bad, reference, out)
+    captured = capfd.readouterr()
+    assert summary["ok"] is False
+    err_lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(err_lines) == 1, captured.err
+    assert str(bad) in err_lines[0] and EXPECTED_PROBLEM[kind] in err_lines[0]
+    assert "Traceback" not in captured.err and "ffmpeg version" not in captured.err
+    assert "ffmpeg version" not in captured.out
+    assert not out.exists()
+
+
+def test_cli_bad_video_verbose_shows_ffmpeg_details(video: Path, reference: Path, tmp_path: Path, capfd):
+    bad = _bad_videos(tmp_path, video)["truncated"]
+    summary = _cli(bad, reference, tmp_path / "o.mp4", "--verbose")
+    err = capfd.readouterr().err
+    assert summary["ok"] is False
+    assert err.splitlines()[0].startswith(f"error: video '{bad}'")
+    assert "ffmpeg version" in err and "moov atom not found" in err  # ffmpeg's own report
+    assert "Traceback" not in err
+
+
+def test_cli_bad_video_exit_code(video: Path, tmp_path: Path):
+    """`python -m tools.edit_video` on a corrupt file: exit status 1, one line on stderr."""
+    import subprocess
+    import sys
+
+    bad = _bad_videos(tmp_path, video)["text"]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "tools.edit_video", "--video", str(bad), "--ref", "x.png",
+                           "--out", str(tmp_path / "o.mp4")], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and str(bad) in proc.stderr
+    assert "Traceback" not in proc.stderr and "ffmpeg version" not in proc.stderr
+
+
+def test_read_video_meta_and_frames_raise_one_line_error(video: Path, tmp_path: Path):
+    from utils.video import BadVideoError
+
+    for kind, bad in _bad_videos(tmp_path, video).items():
+        for read in (read_video_meta, lambda p: next(iter_video_frames(p))):
+            with pytest.raises(BadVideoError) as info:
+                read(bad)
+            assert "\n" not in str(info.value) and str(bad) in str(info.value)
+            if kind in ("text", "truncated"):
+                assert "ffmpeg" in info.value.details  # kept for --verbose

@@ -13,7 +13,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from tools.eg3d_samples import main, parse_seeds, sample_seed
+from tools.eg3d_samples import main, sample_seed
+from utils.config import parse_seeds
 from models import checkpoint as ck
 
 

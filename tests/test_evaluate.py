@@ -1,6 +1,7 @@
 """Evaluation plumbing with random tiny nets: identical images score as identical, missing weights degrade cleanly."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +10,11 @@ import torch
 from PIL import Image
 
 from models.arcface import IdentityEncoder, IRSE50, load_ir_se50
+from pipelines.editor import PortraitEditor
+from tools import evaluate as evaluate_module
 from utils.errors import MissingWeightsError
-from tools.evaluate import EditSample, Evaluator, load_results_folder, main, to_markdown
+from tools.evaluate import (NOT_APPLICABLE, UNAVAILABLE, EditSample, Evaluator, load_results_folder, main,
+                            to_markdown)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +72,7 @@ def test_missing_weights_are_reported_not_fatal(tmp_path: Path):
     assert set(ev.reasons) == {"clip", "identity", "lpips"}
     x = _img(0)
     result = ev.evaluate([EditSample("a", input=x, views=x.repeat(2, 1, 1, 1))])
-    assert result["mean"]["identity"] is None and set(result["unavailable"]) == {"clip", "identity", "lpips"}
+    assert result["mean"]["identity"] == UNAVAILABLE and set(result["unavailable"]) == {"clip", "identity", "lpips"}
     with pytest.raises(MissingWeightsError, match="model_ir_se50"):
         load_ir_se50(tmp_path / "model_ir_se50.pth")
 
@@ -98,3 +102,134 @@ def test_cli_on_results_folder(tmp_path: Path):
                "--id-weights", str(tmp_path / "x.pth"), "--lpips-dir", str(tmp_path), "--device", "cpu"])
     assert rc == 0
     assert (res / "metrics.json").exists() and "unavailable" in (res / "metrics.md").read_text()
+
+
+def test_not_applicable_is_told_apart_from_unavailable(evaluator: Evaluator):
+    """No prompt and no reference: the CLIP direction/text scores do not apply; missing weights are 'unavailable'."""
+    x = _img(0)
+    bare = EditSample("bare", input=x, views=torch.cat([_img(2), _img(3)]), frontal=0)  # no prompt, no reference
+    m = evaluator.score(bare)
+    assert m["clip_directional"] == NOT_APPLICABLE and m["clip_image_text"] == NOT_APPLICABLE
+    assert isinstance(m["clip_multiview"], float) and isinstance(m["identity"], float)
+    single = evaluator.score(EditSample("one", input=x, views=_img(2), prompt="a statue"))
+    assert single["clip_multiview"] == NOT_APPLICABLE and isinstance(single["clip_image_text"], float)
+
+    no_weights = Evaluator(reasons={"clip": "no clip", "identity": "no arcface", "lpips": "no alexnet"})
+    texted = EditSample("texted", input=x, views=torch.cat([_img(2), _img(3)]), prompt="a statue")
+    result = no_weights.evaluate([bare, texted])
+    assert result["per_sample"]["bare"]["clip_image_text"] == NOT_APPLICABLE  # applies to nothing: N/A wins
+    assert result["per_sample"]["texted"]["clip_image_text"] == UNAVAILABLE  # applies, but no weights
+    assert result["mean"]["clip_image_text"] == UNAVAILABLE and result["mean"]["lpips"] == UNAVAILABLE
+    md = to_markdown(result)
+    assert "| bare | not applicable | not applicable |" in md and "| texted | unavailable | unavailable |" in md
+    assert NOT_APPLICABLE != UNAVAILABLE
+
+    only_bare = evaluator.evaluate([bare])  # weights present, nothing to apply the text scores to
+    assert only_bare["mean"]["clip_image_text"] == NOT_APPLICABLE and isinstance(only_bare["mean"]["lpips"], float)
+    assert "| clip_image_text | not applicable |" in to_markdown(only_bare)
+
+
+# ------------------------------------------------------------------ evaluate --checkpoint: runtime and failures
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random 3DPE model (MAE prompt encoder) in the project format."""
+    from models.checkpoint import save_pretrained
+
+    editor = PortraitEditor.random_init(tiny=True, seed=0, device="cpu")
+    return save_pretrained(tmp_path_factory.mktemp("ckpt") / "tiny", {
+        "encoder": editor.encoder.state_dict(), "renderer": editor.renderer.state_dict()}, "3dpe",
+        {"encoder": editor.encoder.config, "renderer": editor.renderer.cfg}, {"test": True})
+
+
+def _eval_data(root: Path, n: int = 3) -> Path:
+    """input/<stem>.png and a different ref/<stem>.png per input (so each input encodes its own prompt)."""
+    for sub in ("input", "ref"):
+        (root / sub).mkdir(parents=True)
+    for i in range(n):
+        for sub, seed in (("input", i), ("ref", 100 + i)):
+            arr = (np.random.default_rng(seed).random((64, 64, 3)) * 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / sub / f"p{i}.png")
+    return root
+
+
+def _eval_cli(tmp_path: Path, ckpt: Path, data: Path) -> int:
+    return main(["--results", str(tmp_path / "res"), "--data-dir", str(data), "--checkpoint", str(ckpt),
+                 "--device", "cpu", "--clip-weights", str(tmp_path / "x.bin"), "--id-weights", str(tmp_path / "x.pth"),
+                 "--lpips-dir", str(tmp_path)])
+
+
+def test_runtime_per_edit_is_the_median_edit_time(tiny_checkpoint: Path, tmp_path: Path, monkeypatch):
+    """A fake clock advances only inside the patched steps: model loading (100 s), image loading (7 s) and
+    PNG writing (10 s) must not count; encode prompt (0.5 s) + edit (1 s) + render (0.25 s) must."""
+    from types import SimpleNamespace
+
+    import test_scripts
+    import utils.image_io
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(evaluate_module, "time", SimpleNamespace(perf_counter=lambda: clock["t"]))
+
+    def advancing(fn, seconds):
+        def wrapped(*a, **k):
+            clock["t"] += seconds
+            return fn(*a, **k)
+        return wrapped
+
+    load = PortraitEditor.from_pretrained
+    monkeypatch.setattr(PortraitEditor, "from_pretrained", classmethod(lambda cls, *a, **k: advancing(load, 100)(*a, **k)))
+    for name, sec in (("encode_prompt", 0.5), ("edit", 1.0), ("render", 0.25)):
+        monkeypatch.setattr(PortraitEditor, name, advancing(getattr(PortraitEditor, name), sec))
+    monkeypatch.setattr(test_scripts._Runner, "_load", advancing(test_scripts._Runner._load, 7))
+    monkeypatch.setattr(utils.image_io, "save_png", advancing(utils.image_io.save_png, 10))
+
+    assert _eval_cli(tmp_path, tiny_checkpoint, _eval_data(tmp_path / "data")) == 0
+    result = json.loads((tmp_path / "res" / "metrics.json").read_text())
+    assert result["runtime_seconds_per_edit"] == pytest.approx(1.75)
+    assert [m["seconds"] for m in result["per_sample"].values()] == pytest.approx([1.75] * 3)
+    assert result["inference"]["status"] == "ok"
+    assert "Runtime per edit: 1.75 s (median over 3 inputs" in (tmp_path / "res" / "metrics.md").read_text()
+
+
+def test_runtime_is_the_median_of_stored_durations():
+    x = _img(0)
+    samples = [EditSample(f"s{i}", input=x, views=x, seconds=sec) for i, sec in enumerate([0.2, 9.0, 0.4])]
+    result = Evaluator().evaluate(samples)
+    assert result["runtime_seconds_per_edit"] == pytest.approx(0.4)  # the median, not the mean (3.2)
+    assert [result["per_sample"][f"s{i}"]["seconds"] for i in range(3)] == [0.2, 9.0, 0.4]
+
+
+def test_failed_inference_is_reported_and_exits_nonzero(tiny_checkpoint: Path, tmp_path: Path, monkeypatch, capsys):
+    edit = PortraitEditor.edit
+    calls = {"n": 0}
+
+    def second_fails(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ValueError("simulated failure")
+        return edit(self, *a, **k)
+
+    monkeypatch.setattr(PortraitEditor, "edit", second_fails)
+    rc = _eval_cli(tmp_path, tiny_checkpoint, _eval_data(tmp_path / "data"))
+    assert rc != 0
+    result = json.loads((tmp_path / "res" / "metrics.json").read_text())
+    assert result["inference"]["status"] == "failed" and result["inference"]["exit_code"] == rc
+    assert any("simulated failure" in e for e in result["inference"]["errors"])
+    assert result["count"] == 2  # the inputs that did succeed are still scored
+    md = (tmp_path / "res" / "metrics.md").read_text()
+    assert md.startswith("**Inference failed**") and "simulated failure" in md
+    assert "inference failed" in capsys.readouterr().err
+
+
+def test_crashed_inference_is_a_failure(tmp_path: Path, monkeypatch):
+    import test_scripts
+
+    def crash(argv):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(test_scripts, "main", crash)
+    rc = main(["--results", str(tmp_path / "res"), "--data-dir", str(tmp_path), "--checkpoint", "x.pt"])
+    assert rc == 1
+    result = json.loads((tmp_path / "res" / "metrics.json").read_text())
+    assert result["inference"] == {"status": "failed", "exit_code": 1, "error": "RuntimeError: CUDA error: out of memory",
+                                   "errors": []}
+    assert result["count"] == 0

@@ -127,6 +127,43 @@ def test_tensorboard_has_the_promised_tags(runs):
     assert acc.Scalars("lr/student")[0].value == pytest.approx(1e-4)
 
 
+def _events(run_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "logs"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_after_resume_keeps_the_checkpointed_step(runs):
+    """Stopped after step 2 (checkpoint 2), resumed: the logs hold every step once, step 2 included."""
+    full, resumed = _events(runs["full"].run_dir), _events(runs["resumed"].run_dir)
+    for tag in ("loss/total", "loss/tri", "lr/student"):
+        got, want = resumed.Scalars(tag), full.Scalars(tag)
+        assert [e.step for e in got] == [1, 2, 3, 4], tag
+        assert [e.value for e in got] == [e.value for e in want], tag  # exact resume: the same numbers
+    assert [e.step for e in resumed.Images("train/grid")] == [2, 4]
+    assert [e.step for e in resumed.Images("val/grid")] == [2, 4]
+    assert [e.step for e in resumed.Scalars("val/total")] == [2, 4]
+
+
+def test_tensorboard_after_resume_drops_the_steps_past_the_checkpoint(tmp_path):
+    """Killed after step 3 with checkpoint 2 the newest: the resumed run's logs hold step 3 once, not twice."""
+    import shutil
+
+    from training.train import main
+
+    data = make_tiny_dataset(tmp_path / "data", n_portraits=2, styles=("anime",))
+    common = ["data.val_fraction=0", "gan.enabled=false", "loss.multiview=false", "export_3dpe=false",
+              "log.image_interval=1000", "log.val_interval=1000"]
+    main(tiny_config(data, tmp_path / "exps", "killed", *common, "max_steps=3"))
+    ckpts = tmp_path / "exps" / "killed" / "checkpoints"
+    shutil.rmtree(ckpts / "step_00000003")  # as if killed between logging step 3 and saving it
+    resumed = main(tiny_config(data, tmp_path / "exps", "killed", *common, "max_steps=3", "resume=auto"))
+    assert resumed.step == 3
+    assert [e.step for e in _events(resumed.run_dir).Scalars("loss/total")] == [1, 2, 3]
+
+
 def test_snapshots_load_back(runs):
     from models.checkpoint import build_models, load_checkpoint
 

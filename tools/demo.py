@@ -27,7 +27,7 @@ from PIL import Image
 
 GRADIO_MISSING = (
     "The demo needs Gradio, an optional dependency: pip install gradio\n"
-    "(everything else in the project works without it; DemoSession in utils/demo.py is usable directly)."
+    "(everything else in the project works without it; DemoSession in tools/demo.py is usable directly)."
 )
 DEFAULT_CHECKPOINT = "pretrained_models/3dpe.pt"
 
@@ -79,7 +79,10 @@ class DemoSession:
         self.view_yaws_deg = tuple(view_yaws_deg)
         self.orbit_frames = int(orbit_frames)
         self.orbit_fps = float(orbit_fps)
-        self.work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="threedpe_demo_"))
+        # Without a work_dir the session owns a temporary folder, removed by close() (also on `with` exit, at
+        # garbage collection and at interpreter exit: TemporaryDirectory's finaliser).
+        self._tmp = tempfile.TemporaryDirectory(prefix="threedpe_demo_") if work_dir is None else None
+        self.work_dir = Path(self._tmp.name if self._tmp is not None else work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.lock = threading.RLock()
         self.portrait: torch.Tensor | None = None  # 1×3×R×R in [-1,1]
@@ -96,6 +99,18 @@ class DemoSession:
         self._planes_key: tuple | None = None
         self._embedding: Any = None
         self._orbit_count = 0
+
+    def close(self) -> None:
+        """Remove the session's temporary folder (the orbit videos) if it made one; a given work_dir is kept.
+        Safe to call more than once."""
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> "DemoSession":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ inputs
     @property
@@ -359,10 +374,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         editor = PortraitEditor.from_pretrained(args.checkpoint, device=device, precision=args.precision,
                                                 text_bridge=bridge)
-    session = DemoSession(editor, orbit_frames=args.orbit_frames)
-    examples = [str(p) for p in sorted(Path("test_imgs/input").glob("*.png"))]
-    app = build_app(session, examples=examples or None)
-    launch(app, port=args.port, share=args.share, block=True, allowed_paths=[str(session.work_dir)])
+    # The temporary folder goes when the app stops: launch returns when the app is closed or on Ctrl-C (Gradio
+    # catches it), and the `with` also covers an exception or a Ctrl-C raised outside Gradio's loop.
+    try:
+        with DemoSession(editor, orbit_frames=args.orbit_frames) as session:
+            examples = [str(p) for p in sorted(Path("test_imgs/input").glob("*.png"))]
+            app = build_app(session, examples=examples or None)
+            launch(app, port=args.port, share=args.share, block=True, allowed_paths=[str(session.work_dir)])
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 

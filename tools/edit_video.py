@@ -488,6 +488,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="on an error, also print the details (ffmpeg's own output for an unreadable video)")
     p.add_argument("--random-init", action="store_true", help="random weights: checks the pipeline, output is noise")
     p.add_argument("--random-init-kind", choices=["edit", "reconstruct"], default="edit")
     p.add_argument("--prompt-encoder", choices=["mae", "clip"], default="mae", help="with --random-init")
@@ -525,7 +527,7 @@ def build_prompt(editor: Any, ref: str | Path | None, text: str | None, size: in
     return lambda first_face: editor.encode_prompt(text=text, image=first_face)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
     """Run the CLI; print and return the summary dict (`ok` False on a user error, with `error`)."""
     args = parse_args(argv)
     from pipelines.instruct_pix2pix import bridge_from_args
@@ -533,13 +535,19 @@ def main(argv: list[str] | None = None) -> dict:
     from utils.device import resolve_device
     from utils.errors import ThreeDPEError
     from utils.face_alignment import MTCNNDetector
+    from utils.video import BadVideoError, read_video_meta
 
-    def fail(msg: str) -> dict:
-        print(f"error: {msg}", file=sys.stderr)
+    def fail(msg: str, details: str = "") -> dict:
+        hint = " (--verbose shows the details)" if details and not args.verbose else ""
+        print(f"error: {msg}{hint}", file=sys.stderr)
+        if details and args.verbose:
+            print(details, file=sys.stderr)
         return {"ok": False, "error": msg, "output": args.out}
 
-    if not Path(args.video).is_file():
-        return fail(f"video '{args.video}' not found")
+    try:  # before any model is loaded: a bad path fails in a second, with one line
+        read_video_meta(args.video, count=False)
+    except BadVideoError as e:
+        return fail(str(e), e.details)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     bridge = bridge_from_args(args, device) if args.prompt is not None else None
@@ -565,10 +573,15 @@ def main(argv: list[str] | None = None) -> dict:
         summary = edit_video(args.video, args.out, editor, prompt, detector, cfg,
                              progress=not args.no_progress).to_dict()
     except (ThreeDPEError, ValueError, OSError) as e:
-        return fail(str(e))
+        return fail(str(e), getattr(e, "details", ""))
     print(json.dumps(summary))
     return summary
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The command: 0 when the edited video was written, 1 otherwise (the reason is one line on stderr)."""
+    return 0 if run(argv).get("ok") else 1
+
+
 if __name__ == "__main__":
-    sys.exit(0 if main().get("ok") else 1)
+    sys.exit(main())

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -26,41 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.checkpoint import load_eg3d_generator
+from utils.config import parse_seeds
 from utils.errors import ThreeDPEError
-
-
-def parse_seeds(text: str) -> list[int]:
-    """'11-12' → [11, 12]; '1,3,5-7' → [1, 3, 5, 6, 7]."""
-    seeds: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        m = re.fullmatch(r"(\d+)-(\d+)", part)
-        if m:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if hi < lo:
-                raise ValueError(f"bad seed range '{part}'")
-            seeds.extend(range(lo, hi + 1))
-        else:
-            seeds.append(int(part))
-    if not seeds:
-        raise ValueError(f"no seeds in '{text}'")
-    return seeds
-
-
-def load_generator(network: str | Path, device: torch.device | None = None) -> nn.Module:
-    """EG3D TriPlaneGenerator from a .pkl / converted .pth / project checkpoint, eval mode, on `device`."""
-    from models.checkpoint import build_models, load_checkpoint
-
-    ckpt = load_checkpoint(network)
-    if "generator" not in ckpt.components:
-        raise ThreeDPEError(
-            f"'{network}' is a {ckpt.format} checkpoint without an EG3D generator; pass the EG3D .pkl, the converted "
-            ".pth, or a project checkpoint converted from one"
-        )
-    gen = build_models(ckpt, components=("generator",))["generator"]
-    return gen.to(device or torch.device("cpu")).eval().requires_grad_(False)
 
 
 def _camera_geometry(gen: nn.Module) -> tuple[float, tuple[float, float, float]]:
@@ -139,9 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from utils.device import resolve_device
 
     try:
-        seeds = parse_seeds(args.seeds)
+        seeds = parse_seeds(args.seeds, what="--seeds")
         device = resolve_device(args.device)
-        gen = load_generator(args.network, device)
+        gen = load_eg3d_generator(args.network, device)
     except (ThreeDPEError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -3,26 +3,41 @@
     python -m tools.evaluate --results results --data-dir test_imgs          # a folder written by test_scripts.py
     python -m tools.evaluate --checkpoint pretrained_models/3dpe.pt --data-dir test_imgs --results results
 
-Writes `<results>/metrics.json` and `<results>/metrics.md`. A metric whose weights are missing is reported as
-unavailable (with the reason) and the others still run. See docs/evaluation.md.
+Writes `<results>/metrics.json` and `<results>/metrics.md` (atomically). A metric whose weights are missing is
+reported as "unavailable" (with the reason) and the others still run; a metric that does not apply to an input (no
+prompt, no reference, one view) is "not applicable". With --checkpoint, the runtime per edit is the median over
+inputs of encode prompt + edit + render (no model loading, no file I/O), and a failed inference run makes the report
+say "failed" and the exit status non-zero. See docs/evaluation.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import shlex
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
+from utils.atomic import atomic_write_text
 from utils.errors import MissingWeightsError
 
 DEFAULT_SOURCE_CAPTION = "a photo of a person"
+NOT_APPLICABLE = "not applicable"  # the metric does not apply to this input (no prompt / reference, one view)
+UNAVAILABLE = "unavailable"  # the metric's weights are missing (reason in result["unavailable"])
+FAILED = "failed"
+
+#: metric → the back-end (`Evaluator` field) it needs
+METRIC_BACKENDS = {
+    "clip_directional": "clip", "clip_image_text": "clip", "clip_multiview": "clip",
+    "identity": "identity", "identity_multiview": "identity", "lpips": "lpips",
+}
+Score = float | str  # a value, NOT_APPLICABLE or UNAVAILABLE
 
 
 @dataclass
@@ -37,7 +52,15 @@ class EditSample:
     prompt: str | None = None
     source_caption: str = DEFAULT_SOURCE_CAPTION
     target_caption: str | None = None
-    seconds: float | None = None
+    seconds: float | None = None  # encode prompt + edit + render of this input (see `run_inference`)
+
+    def applicable(self) -> dict[str, bool]:
+        """Which metrics apply: directional needs a prompt or a reference, image-text a text, multi-view ≥ 2 views."""
+        target = self.target_caption or self.prompt
+        multi = self.views.shape[0] > 1
+        return {"clip_directional": self.reference is not None or target is not None,
+                "clip_image_text": target is not None, "clip_multiview": multi,
+                "identity": True, "identity_multiview": multi, "lpips": True}
 
 
 @dataclass
@@ -80,41 +103,64 @@ class Evaluator:
         return ev
 
     @torch.inference_mode()
-    def score(self, s: EditSample) -> dict[str, float | None]:
-        """Per-sample metrics (None where unavailable or not applicable)."""
+    def score(self, s: EditSample) -> dict[str, Score]:
+        """Per-sample metrics: a float, NOT_APPLICABLE (the input has no prompt/reference, or one view) or
+        UNAVAILABLE (the back-end's weights are missing); plus "seconds" when the edit was timed."""
         edit = s.views[s.frontal : s.frontal + 1]
-        m: dict[str, float | None] = {}
-        m["clip_directional"] = m["clip_image_text"] = m["clip_multiview"] = None
-        if self.clip is not None:
-            if s.reference is not None:
-                m["clip_directional"] = float(self.clip.image_directional_similarity(s.input, edit, s.reference)[0])
-            target = s.target_caption or s.prompt
-            if target is not None:
-                if s.reference is None:
-                    m["clip_directional"] = float(
-                        self.clip.directional_similarity(s.input, edit, s.source_caption, target)[0])
-                m["clip_image_text"] = float(self.clip.image_text_similarity(edit, target)[0])
-            if s.views.shape[0] > 1:
-                m["clip_multiview"] = _mean_pairwise(self.clip.image_embeddings(s.views))
-        m["identity"] = m["identity_multiview"] = None
-        if self.identity is not None:
-            m["identity"] = float(self.identity.similarity(s.input, edit)[0])
-            if s.views.shape[0] > 1:
-                m["identity_multiview"] = _mean_pairwise(self.identity(s.views))
-        m["lpips"] = float(self.lpips(s.input, edit)[0]) if self.lpips is not None else None
-        m["seconds"] = s.seconds
+        applies = s.applicable()
+        target = s.target_caption or s.prompt
+
+        def compute(name: str) -> float:
+            if name == "clip_directional":
+                if s.reference is not None:
+                    return float(self.clip.image_directional_similarity(s.input, edit, s.reference)[0])
+                return float(self.clip.directional_similarity(s.input, edit, s.source_caption, target)[0])
+            if name == "clip_image_text":
+                return float(self.clip.image_text_similarity(edit, target)[0])
+            if name == "clip_multiview":
+                return _mean_pairwise(self.clip.image_embeddings(s.views))
+            if name == "identity":
+                return float(self.identity.similarity(s.input, edit)[0])
+            if name == "identity_multiview":
+                return _mean_pairwise(self.identity(s.views))
+            return float(self.lpips(s.input, edit)[0])
+
+        m: dict[str, Score] = {}
+        for name, backend in METRIC_BACKENDS.items():
+            if not applies[name]:
+                m[name] = NOT_APPLICABLE
+            elif getattr(self, backend) is None:
+                m[name] = UNAVAILABLE
+            else:
+                m[name] = compute(name)
+        if s.seconds is not None:
+            m["seconds"] = s.seconds
         return m
 
     def evaluate(self, samples: list[EditSample]) -> dict:
-        """Per-sample and mean metrics, plus which metrics were unavailable and why."""
+        """Per-sample and mean metrics, which metrics were unavailable and why, and (when the edits were timed)
+        `runtime_seconds_per_edit`: the median over inputs of their stored edit durations.
+
+        A mean is over the samples the metric applies to; it is NOT_APPLICABLE if it applies to none, UNAVAILABLE
+        if its weights are missing.
+        """
         per = {s.stem: self.score(s) for s in samples}
-        names = sorted({k for v in per.values() for k in v})
-        summary = {}
-        for k in names:
-            vals = [v[k] for v in per.values() if v.get(k) is not None]
-            summary[k] = round(statistics.fmean(vals), 4) if vals else None
+        summary: dict[str, Score] = {}
+        for k in METRIC_BACKENDS if samples else ():
+            vals = [v[k] for v in per.values()]
+            nums = [x for x in vals if not isinstance(x, str)]
+            if nums:
+                summary[k] = round(statistics.fmean(nums), 4)
+            else:
+                summary[k] = UNAVAILABLE if UNAVAILABLE in vals else NOT_APPLICABLE
         unavailable = {k: self.reasons[k] for k in ("clip", "identity", "lpips") if k in self.reasons}
-        return {"count": len(samples), "mean": summary, "per_sample": per, "unavailable": unavailable}
+        result: dict[str, Any] = {"count": len(samples), "mean": summary, "per_sample": per,
+                                  "unavailable": unavailable}
+        seconds = [v["seconds"] for v in per.values() if "seconds" in v]
+        if seconds:
+            result["runtime_seconds_per_edit"] = round(statistics.median(seconds), 4)
+            result["runtime_inputs_timed"] = len(seconds)
+        return result
 
 
 def _mean_pairwise(emb: torch.Tensor) -> float:
@@ -124,14 +170,139 @@ def _mean_pairwise(emb: torch.Tensor) -> float:
     return float((sim.sum() - sim.diagonal().sum()) / (v * (v - 1)))
 
 
+def _cell(v: Any) -> str:
+    return v if isinstance(v, str) else f"{v:.4f}"
+
+
 def to_markdown(result: dict) -> str:
-    """A Markdown table of the mean metrics (and unavailable ones)."""
-    lines = ["| metric | mean |", "|---|---|"]
-    for k, v in result["mean"].items():
-        lines.append(f"| {k} | {'unavailable' if v is None else v} |")
+    """The report as Markdown: inference status, mean and per-sample tables, runtime, unavailable metrics."""
+    lines = []
+    inf = result.get("inference")
+    if inf is not None and inf["status"] == FAILED:
+        lines += [f"**Inference failed** (exit status {inf['exit_code']}): {inf['error']}", ""]
+        lines += [f"- {msg}" for msg in inf.get("errors", [])]
+        lines += [""] if inf.get("errors") else []
+    names = list(result["mean"])
+    lines += ["| metric | mean |", "|---|---|"]
+    lines += [f"| {k} | {_cell(result['mean'][k])} |" for k in names]
+    if result["per_sample"]:
+        cols = names + (["seconds"] if "runtime_seconds_per_edit" in result else [])
+        lines += ["", "| input | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for stem, m in result["per_sample"].items():
+            lines.append(f"| {stem} | " + " | ".join(_cell(m.get(k, "—")) for k in cols) + " |")
+    if "runtime_seconds_per_edit" in result:
+        runtime = (f"Runtime per edit: {result['runtime_seconds_per_edit']} s (median over "
+                   f"{result['runtime_inputs_timed']} inputs of encode prompt + edit + render; model loading and "
+                   "file I/O excluded).")
+        lines += ["", runtime]
+    lines.append("")
     for k, why in result["unavailable"].items():
-        lines.append(f"\n- **{k}** unavailable: {why}")
+        lines.append(f"- **{k}** {UNAVAILABLE}: {why}")
+    lines.append(f"- *{NOT_APPLICABLE}*: the metric does not apply to the input (no text prompt or reference image, "
+                 f"or a single view); *{UNAVAILABLE}*: its weights are missing.")
     return "\n".join(lines) + f"\n\n{result['count']} edits.\n"
+
+
+class _TimedEditor:
+    """Forwards everything to `editor`; the time spent in encode_prompt / edit / reconstruct / render calls
+    (CUDA work included: synchronised before and after) accumulates in `elapsed` seconds."""
+
+    TIMED = ("encode_prompt", "edit", "reconstruct", "render")
+
+    def __init__(self, editor: Any):
+        self._editor = editor
+        self.elapsed = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._editor, name)
+        if name not in self.TIMED:
+            return attr
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            _cuda_sync()
+            t0 = time.perf_counter()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                _cuda_sync()
+                self.elapsed += time.perf_counter() - t0
+
+        return timed
+
+
+def _cuda_sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+@dataclass
+class InferenceRun:
+    """Outcome of `run_inference`: exit status of test_scripts.py, per-input edit seconds (stem → s) and the
+    failure (None on success) with the per-input error messages."""
+
+    exit_code: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def to_dict(self) -> dict:
+        d = {"status": "ok" if self.ok else FAILED, "exit_code": self.exit_code}
+        if not self.ok:
+            d.update(error=self.error, errors=self.errors)
+        return d
+
+
+def run_inference(argv: list[str]) -> InferenceRun:
+    """Run `test_scripts.main(argv)` in this process and time each input's edit.
+
+    The time of an input is what its encode_prompt, edit (or reconstruct) and render calls take, with CUDA
+    synchronised: model loading, reading/aligning images and writing files are not included. A batch's prompt
+    encoding and edit are shared evenly by its inputs; a prompt shared by several inputs is encoded once (so the
+    first input of a style carries it: use the median). A non-zero exit status or an exception is a failed run.
+    """
+    import test_scripts
+
+    run = InferenceRun(exit_code=0)
+    base = test_scripts._Runner
+
+    class TimedRunner(base):  # type: ignore[misc, valid-type]
+        def __init__(self, editor: Any, *args: Any, **kwargs: Any):
+            super().__init__(_TimedEditor(editor), *args, **kwargs)
+            self._write_seconds: dict[str, float] = {}
+
+        def run(self, batch):
+            self.editor.elapsed = 0.0
+            self._write_seconds = {}
+            ok, errors = super().run(batch)
+            run.errors.extend(errors)
+            if self._write_seconds:  # what was not spent rendering a given input is the batch's encode + edit
+                shared = (self.editor.elapsed - sum(self._write_seconds.values())) / len(self._write_seconds)
+                for stem, render in self._write_seconds.items():
+                    run.seconds[stem] = round(shared + render, 6)
+            return ok, errors
+
+        def _write(self, job, *args: Any, **kwargs: Any) -> None:
+            before = self.editor.elapsed  # only the editor's calls are timed, not the file writes
+            super()._write(job, *args, **kwargs)
+            self._write_seconds[job.stem] = self.editor.elapsed - before
+
+    test_scripts._Runner = TimedRunner  # main() builds its runner from this name; restored below
+    try:
+        run.exit_code = test_scripts.main(argv)
+        if run.exit_code:
+            run.error = (f"test_scripts.py exited with status {run.exit_code}"
+                         + (f"; {len(run.errors)} input(s) failed" if run.errors else ""))
+    except SystemExit as e:  # argparse rejected the arguments (its message is already printed)
+        run.exit_code, run.error = (e.code if isinstance(e.code, int) and e.code else 2), "bad inference arguments"
+    except Exception as e:  # a crash is a failed run, reported as such
+        run.exit_code, run.error = 1, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    finally:
+        test_scripts._Runner = base
+    return run
 
 
 def load_results_folder(results: Path, data_dir: Path, source_caption: str = DEFAULT_SOURCE_CAPTION,
@@ -164,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", required=True, help="output folder of test_scripts.py (written first with --checkpoint)")
     ap.add_argument("--data-dir", default="test_imgs", help="the inputs (input/, ref/) the results were made from")
     ap.add_argument("--checkpoint", default=None, help="run test_scripts.py with this checkpoint first and time it")
+    ap.add_argument("--inference-args", default=None,
+                    help="more test_scripts.py options for that run, as one string; runs it even without --checkpoint "
+                         "(write it with '=': --inference-args='--random-init --tiny')")
     ap.add_argument("--source-caption", default=DEFAULT_SOURCE_CAPTION)
     ap.add_argument("--target-caption", default=None, help="caption of the edited style (text directional score)")
     ap.add_argument("--frontal-view", type=int, default=None, help="index of the input-view render (default: middle)")
@@ -173,28 +347,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
     results, data_dir = Path(args.results), Path(args.data_dir)
-    seconds = None
-    if args.checkpoint:
-        import test_scripts
-
-        t0 = time.perf_counter()
-        rc = test_scripts.main(["--checkpoint", args.checkpoint, "--data-dir", str(data_dir),
-                                "--output-dir", str(results)] + (["--device", args.device] if args.device else []))
-        seconds = time.perf_counter() - t0
-        if rc == 2:
-            return rc
-    samples = load_results_folder(results, data_dir, args.source_caption, args.target_caption, args.frontal_view)
-    if not samples:
+    run: InferenceRun | None = None
+    if args.checkpoint or args.inference_args is not None:
+        run = run_inference((["--checkpoint", args.checkpoint] if args.checkpoint else [])
+                            + ["--data-dir", str(data_dir), "--output-dir", str(results)]
+                            + (["--device", args.device] if args.device else [])
+                            + shlex.split(args.inference_args or ""))
+        if not run.ok:
+            print(f"error: inference failed: {run.error}", file=sys.stderr)
+    samples = load_results_folder(results, data_dir, args.source_caption, args.target_caption, args.frontal_view) \
+        if results.is_dir() else []
+    if not samples and run is None:
         print(f"error: no '<stem>_view<i>.png' files in {results}", file=sys.stderr)
         return 2
-    ev = Evaluator.from_files(args.clip_weights, args.id_weights, args.lpips_dir, args.device)
+    if run is not None:
+        for s in samples:
+            s.seconds = run.seconds.get(s.stem)
+    ev = Evaluator.from_files(args.clip_weights, args.id_weights, args.lpips_dir, args.device) if samples else Evaluator()
     result = ev.evaluate(samples)
-    if seconds is not None:
-        result["runtime_seconds_total"] = round(seconds, 3)
-        result["runtime_seconds_per_edit"] = round(seconds / len(samples), 3)
-    (results / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    (results / "metrics.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    if run is not None:
+        result["inference"] = run.to_dict()
+    report = to_markdown(result)
+    try:
+        atomic_write_text(results / "metrics.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_text(results / "metrics.md", report)
+    except OSError as e:
+        print(f"error: cannot write the report in '{results}': {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(report)
+    if run is not None and not run.ok:
+        return run.exit_code if run.exit_code in (1, 2) else 1
     return 0
 
 

@@ -10,10 +10,15 @@ With `--instruction`, only `DIR/input/` is needed: the edits are made once by In
 in `exps/<name>/edited/`. The run is the ordinary training loop (training/train.py) started from `--base`,
 with the same teacher (Live3D LT) and losses; the result is `exps/<name>/final/` (project format), which
 `test_scripts.py` / `PortraitEditor.from_pretrained` load.
+
+Inputs without an edit are skipped with one warning; a missing or empty folder, or no input with an edit,
+is a ConfigError naming the folder. The student takes the base's prompt encoder: with a CLIP base every
+sample's prompt is the instruction (when given) or its reference image, never an empty text.
 """
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,7 @@ def _customize_train_defaults() -> TrainConfig:
     cfg.data.val_fraction = 0.0
     cfg.data.workers = 2
     cfg.model.mae_pretrain = ""
+    cfg.model.text_prompt_prob = 1.0   # CLIP base + --instruction: every sample's prompt is the instruction
     cfg.optim.lr = 5e-5
     cfg.log.log_interval = 10
     cfg.log.image_interval = 50
@@ -62,18 +68,22 @@ def _label_for(labels: dict[str, list[float]], stem: str, name: str) -> list[flo
 
 
 class CustomPairs(Dataset):
-    """Pairs in DIR/input + an edited folder, held in memory (they are few).
+    """Pairs in DIR/input + an edited folder (matched by file stem), held in memory (they are few).
 
     Item: `input`, `target` 3×R×R in [-1,1]; `reference` = the edit of another pair (drawn from
-    (seed, epoch, index); the target itself only for a single pair); `camera` (25,).
+    (seed, epoch, index); the target itself only for a single pair); `camera` (25,); `instruction` (the
+    text prompt of a CLIP student; "" = none, the reference image is the prompt).
+    `unmatched`: the inputs without an edit (skipped; the caller warns once).
+    Raises ConfigError when a folder holds no image or no input has an edit.
     """
 
     def __init__(self, input_dir: str | Path, edited_dir: str | Path, resolution: int = 512,
-                 labels_file: str | Path | None = None, default_focal: float = 4.2647, seed: int = 0):
+                 labels_file: str | Path | None = None, default_focal: float = 4.2647, seed: int = 0,
+                 instruction: str = ""):
         from PIL import Image
 
         from utils.cameras import frontal_camera
-        from utils.image_io import list_images, load_image, pil_to_tensor
+        from utils.image_io import load_image, pil_to_tensor
 
         input_dir, edited_dir = Path(input_dir), Path(edited_dir)
         labels: dict[str, list[float]] = {}
@@ -81,8 +91,11 @@ class CustomPairs(Dataset):
             raw = json.loads(Path(labels_file).read_text())
             raw = raw.get("labels", raw) if isinstance(raw, dict) else raw
             labels = dict(raw) if isinstance(raw, list) else {str(k): v for k, v in raw.items()}
-        edited = {p.stem: p for p in list_images(edited_dir)} if edited_dir.is_dir() else {}
+        sources = _images_in(input_dir, "put the portraits there as <stem>.png")
+        edited = {p.stem: p for p in _images_in(edited_dir, "put the edits there under the inputs' stems "
+                                                            "(input/<stem>.png → edited/<stem>.png)")}
         self.stems: list[str] = []
+        self.unmatched: list[str] = [p.name for p in sources if p.stem not in edited]
         inputs, targets, cameras = [], [], []
         frontal = frontal_camera(default_focal)[0]
 
@@ -92,7 +105,7 @@ class CustomPairs(Dataset):
                 img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)
             return pil_to_tensor(img)[0]
 
-        for p in list_images(input_dir):
+        for p in sources:
             if p.stem not in edited:
                 continue
             self.stems.append(p.stem)
@@ -101,9 +114,12 @@ class CustomPairs(Dataset):
             label = _label_for(labels, p.stem, p.name)
             cameras.append(torch.tensor(label, dtype=torch.float32) if label is not None else frontal.clone())
         if not self.stems:
-            raise ConfigError(f"no pairs: '{input_dir}' and '{edited_dir}' share no image stems "
-                              "(expected input/<stem>.png and edited/<stem>.png)")
+            raise ConfigError(f"customize: no image in '{input_dir}' has an edit of the same stem in '{edited_dir}' "
+                              f"(inputs: {_some(p.name for p in sources)}; edits: "
+                              f"{_some(p.name for p in edited.values())}); name each edit like its input, e.g. "
+                              "input/a.png and edited/a.png")
         self.inputs, self.targets, self.cameras = inputs, targets, cameras
+        self.instruction = instruction
         self.seed, self.epoch = seed, 0
 
     def __len__(self) -> int:
@@ -118,7 +134,41 @@ class CustomPairs(Dataset):
         if n > 1:
             ref = (index + 1 + int(np.random.default_rng([self.seed, self.epoch, index]).integers(n - 1))) % n
         return {"input": self.inputs[index], "target": self.targets[index], "reference": self.targets[ref],
-                "camera": self.cameras[index]}
+                "camera": self.cameras[index], "instruction": self.instruction}
+
+
+def _images_in(directory: Path, fix: str) -> list[Path]:
+    """The images of `directory`; ConfigError (naming the folder and `fix`) when it is missing or has none."""
+    from utils.image_io import IMAGE_EXTENSIONS, list_images
+
+    if not directory.is_dir():
+        raise ConfigError(f"customize: '{directory}' does not exist; create it and {fix}")
+    images = list_images(directory)
+    if not images:
+        raise ConfigError(f"customize: '{directory}' holds no image ({', '.join(sorted(IMAGE_EXTENSIONS))}); {fix}")
+    return images
+
+
+def _some(names: Any, n: int = 5) -> str:
+    names = list(names)
+    return ", ".join(names[:n]) + (f", … ({len(names)} in all)" if len(names) > n else "")
+
+
+def _adopt_base_prompt_encoder(t: TrainConfig, base: str) -> None:
+    """Build the student with the base checkpoint's prompt encoder (MAE or CLIP), so its weights load.
+
+    A CLIP base brings its towers, so no separate CLIP weight file is needed.
+    """
+    from models.checkpoint import load_checkpoint
+
+    enc_cfg = load_checkpoint(base).configs.get("encoder")
+    kind = getattr(enc_cfg, "prompt_encoder", None)
+    if kind is None:
+        return
+    t.model.prompt_encoder = kind
+    if kind == "clip":
+        t.model.clip_model = str(enc_cfg.clip.get("model_name", t.model.clip_model))
+        t.model.clip_pretrained = ""
 
 
 def make_edits(input_dir: Path, out_dir: Path, instruction: str, editor: Any, resolution: int) -> Path:
@@ -138,22 +188,37 @@ def make_edits(input_dir: Path, out_dir: Path, instruction: str, editor: Any, re
 
 
 def main(cfg: CustomizeConfig, editor: Any = None) -> TrainResult:
-    """Build the pairs (editing them first when an instruction is given) and fine-tune from `cfg.base`."""
+    """Build the pairs (editing them first when an instruction is given) and fine-tune from `cfg.base`.
+
+    User errors (no --pairs, a missing or empty folder, no input with an edit) raise ConfigError; inputs
+    without an edit are skipped with one warning.
+    """
+    from utils.distributed import env_info
+
     if not cfg.pairs:
-        raise ConfigError("customize: --pairs DIR is required")
+        raise ConfigError("customize: --pairs DIR is required (DIR/input/<stem>.png + DIR/edited/<stem>.png)")
     pairs = Path(cfg.pairs)
+    if not pairs.is_dir():
+        raise ConfigError(f"customize: --pairs '{pairs}' does not exist; give the folder that holds input/ "
+                          "(and edited/)")
     input_dir = pairs / "input"
-    if not input_dir.is_dir():
-        raise ConfigError(f"customize: '{input_dir}' does not exist (expected DIR/input/<stem>.png)")
+    _images_in(input_dir, "put the portraits there as <stem>.png")
     t = cfg.train
+    run_dir = Path(t.exp_dir) / t.name
+    edited_dir = run_dir / "edited" if cfg.instruction else pairs / "edited"
+    labels = pairs / "dataset.json"
+    data = None
+    if not cfg.instruction:  # the folder problems come before any model is loaded
+        if not edited_dir.is_dir():
+            raise ConfigError(f"customize: '{edited_dir}' does not exist; put the edits there as edited/<stem>.png "
+                              "(the inputs' stems), or pass --instruction TEXT to make them")
+        data = CustomPairs(input_dir, edited_dir, t.data.resolution, labels, cfg.default_focal, t.seed)
     if cfg.base:
         t.model.student_checkpoint = cfg.base
-    run_dir = Path(t.exp_dir) / t.name
-    edited_dir = pairs / "edited"
+        _adopt_base_prompt_encoder(t, cfg.base)
     if cfg.instruction:
         from utils.distributed import barrier, init_distributed
 
-        edited_dir = run_dir / "edited"
         if init_distributed(t.device or None).is_main:  # the other ranks wait for rank 0's edits
             if editor is None:
                 from pipelines.instruct_pix2pix import InstructPix2PixConfig, InstructPix2PixEditor
@@ -163,10 +228,14 @@ def main(cfg: CustomizeConfig, editor: Any = None) -> TrainResult:
                                                device=t.device or None)
             make_edits(input_dir, edited_dir, cfg.instruction, editor, t.data.resolution)
         barrier()
-        (run_dir / "instruction.txt").write_text(cfg.instruction + "\n")
-    elif not edited_dir.is_dir():
-        raise ConfigError(f"customize: '{edited_dir}' does not exist; give DIR/edited/<stem>.png or --instruction")
-    data = CustomPairs(input_dir, edited_dir, t.data.resolution, pairs / "dataset.json", cfg.default_focal, t.seed)
+        from utils.atomic import atomic_write_text
+
+        atomic_write_text(run_dir / "instruction.txt", cfg.instruction + "\n")
+        data = CustomPairs(input_dir, edited_dir, t.data.resolution, labels, cfg.default_focal, t.seed,
+                           instruction=cfg.instruction)
+    if data.unmatched and env_info()[0] == 0:
+        print(f"warning: {len(data.unmatched)} of {len(data.unmatched) + len(data)} inputs in '{input_dir}' have no "
+              f"edit in '{edited_dir}' and are skipped: {', '.join(data.unmatched)}", file=sys.stderr)
     if len(data) < t.data.batch_size:
         t.data.batch_size = len(data)
     return train_main(t, train_set=data, val_set=None)

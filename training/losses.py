@@ -3,8 +3,8 @@
 All images are N×3×H×W in [-1, 1]. Every L1 is a mean over all elements (as `nn.L1Loss`); LPIPS is
 the mean over the batch of the per-sample AlexNet LPIPS (spatial average, summed over the 5 layers).
 
-    crit = DistillationLoss(cfg.loss, device)
-    total, terms = crit(student_tri, teacher_tri, student_views, teacher_views, n)
+    crit = DistillationLoss(cfg.loss).to(device)        # cfg.loss: a LossConfig
+    total, terms = crit(student_tri, teacher_tri, student_renders, teacher_renders, n)   # renders: 2N-row dicts
 """
 from __future__ import annotations
 

@@ -461,7 +461,9 @@ def main(cfg: TrainConfig, train_set: Dataset | None = None, val_set: Dataset | 
         save_config(cfg, run_dir / "config.yaml")
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run_dir / "logs"), purge_step=step if resume_dir is not None else None)
+        # Everything logged at step k (scalars, grids, validation) is written before step k's checkpoint, so a
+        # resume from k purges only the events of the steps after k (written by the run that went on past it).
+        writer = SummaryWriter(str(run_dir / "logs"), purge_step=step + 1 if resume_dir is not None else None)
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if cfg.bf16 \
         else contextlib.nullcontext
     views = 2 if cfg.loss.multiview else 1
@@ -552,8 +554,10 @@ def main(cfg: TrainConfig, train_set: Dataset | None = None, val_set: Dataset | 
             cams = cameras_for(batch, cam_gen)
             prompt_kw: dict = {}
             if cfg.model.prompt_encoder == "clip":  # each sample: its instruction text or the reference image
-                use_text = torch.rand(n, generator=cam_gen) < cfg.model.text_prompt_prob
-                prompt_kw = {"texts": list(batch["instruction"]), "use_text": use_text.to(device)}
+                texts = list(batch["instruction"])
+                has_text = torch.tensor([bool(t.strip()) for t in texts])  # no text: always the reference image
+                use_text = (torch.rand(n, generator=cam_gen) < cfg.model.text_prompt_prob) & has_text
+                prompt_kw = {"texts": texts, "use_text": use_text.to(device)}
 
             # Teacher: the 2D-edited target lifted to 3D, rendered at both cameras (no graph kept).
             t_tri, t_views = teacher_views(batch["target"], cams, deterministic=False)

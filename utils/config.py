@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -102,7 +103,10 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}': '{p}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': the value is not valid YAML (quote it, e.g. {key}='\"...\"')") from e
     return data
 
 
@@ -113,7 +117,12 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file '{p}' not found")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            raise ConfigError(f"config file '{p}' is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file '{p}' must hold a mapping")
         _deep_update(data, loaded)
@@ -122,9 +131,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML (atomically: a reader never sees half a file)."""
+    from utils.atomic import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def _deep_update(base: dict, new: dict) -> None:
@@ -133,3 +143,33 @@ def _deep_update(base: dict, new: dict) -> None:
             _deep_update(base[k], v)
         else:
             base[k] = v
+
+
+def parse_seeds(spec: str | int | Sequence[int], what: str = "seeds") -> list[int]:
+    """The project's one seed-list parser: '0-3,10,2' → [0, 1, 2, 3, 10]; an int or a list of ints as is.
+
+    Ranges are inclusive; order is kept and repeats dropped. A reversed range ('5-3'), a negative seed,
+    text that is no seed, or an empty list raise ConfigError naming `what` (the option or config key).
+    """
+    if isinstance(spec, int):
+        parts: list[str] = [str(spec)]
+    elif isinstance(spec, str):
+        parts = [p.strip() for p in spec.split(",") if p.strip()]
+    else:
+        parts = [str(s) for s in spec]
+    seeds: list[int] = []
+    for part in parts:
+        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)|(\d+)", part)
+        if m is None:
+            raise ConfigError(f"{what}: '{part}' is not a seed or a range (non-negative integers, e.g. '0-999' or "
+                              "'0-9,20')")
+        if m.group(3) is not None:
+            seeds.append(int(m.group(3)))
+            continue
+        lo, hi = int(m.group(1)), int(m.group(2))
+        if hi < lo:
+            raise ConfigError(f"{what}: the range '{part}' runs backwards; write it low-high ('{hi}-{lo}')")
+        seeds.extend(range(lo, hi + 1))
+    if not seeds:
+        raise ConfigError(f"{what}: no seeds in {spec!r} (e.g. '0-999' or '0-9,20')")
+    return list(dict.fromkeys(seeds))

@@ -39,3 +39,19 @@ class ConfigError(ThreeDPEError, ValueError):
 
 class NoFaceError(ThreeDPEError):
     """No face with enough confidence was found in an image."""
+
+
+def report_user_error(error: BaseException) -> int:
+    """Print `error` for the user as one line on stderr and return the exit code of a usage error (2).
+
+    The message's own lines are joined; under torchrun (WORLD_SIZE > 1) the line starts with the rank,
+    since every rank that hits the error prints it. Command-line entry points catch ThreeDPEError in
+    `main` and return this, so a user error never ends in a traceback.
+    """
+    import os
+    import sys
+
+    msg = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    prefix = f"[rank {os.environ.get('RANK', '0')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    print(f"{prefix}error: {msg}", file=sys.stderr)
+    return 2

@@ -1,12 +1,13 @@
 """Mesh extraction from a triplane: density grid → marching cubes → binary PLY."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+
+from utils.atomic import atomic_write
 
 
 def density_grid(
@@ -64,12 +65,10 @@ def write_ply(path: str | Path, vertices: np.ndarray, faces: np.ndarray) -> None
     face_rec = np.empty(len(faces), dtype=[("n", "u1"), ("idx", "<i4", (3,))])
     face_rec["n"] = 3
     face_rec["idx"] = faces
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         f.write(header)
         f.write(np.asarray(vertices, dtype="<f4").tobytes())
         f.write(face_rec.tobytes())
-    os.replace(tmp, path)
 
 
 def read_ply(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,46 @@ from typing import Iterator
 
 import numpy as np
 
+from utils.errors import ThreeDPEError
+
+
+class BadVideoError(ThreeDPEError, ValueError):
+    """A video that does not exist or cannot be decoded.
+
+    The message is one line naming the file and what is wrong; `details` keeps ffmpeg's own output
+    (its banner and log), which CLIs print only when asked (`--verbose`).
+    """
+
+    def __init__(self, path: str | Path, problem: str, details: str = ""):
+        self.path, self.problem, self.details = str(path), problem, details
+        super().__init__(f"video '{path}': {problem}")
+
+
+def _check_video_path(path: Path) -> None:
+    if not path.exists():
+        raise BadVideoError(path, "not found; check the path")
+    if path.is_dir():
+        raise BadVideoError(path, "is a folder, not a video file; pass the video file itself")
+    if not os.access(path, os.R_OK):
+        raise BadVideoError(path, "cannot be read (permission denied)")
+    if path.stat().st_size == 0:
+        raise BadVideoError(path, "is empty (0 bytes); it is not a video")
+
+
+def _ffmpeg_reason(err: BaseException) -> str:
+    """The most telling line of an imageio/ffmpeg error (its message embeds ffmpeg's whole stderr)."""
+    lines = [l.strip() for l in str(err).splitlines() if l.strip()]
+    for line in reversed(lines):  # ffmpeg ends with "Error opening input...: Invalid data found when processing input"
+        if "error" in line.lower() or "invalid" in line.lower() or "not found" in line.lower():
+            return line.split(": ", 1)[-1].rstrip(".") if ": " in line else line
+    return lines[0] if lines else type(err).__name__
+
+
+def _bad_video(path: Path, err: BaseException, when: str) -> BadVideoError:
+    reason = _ffmpeg_reason(err)
+    return BadVideoError(path, f"cannot be {when} as a video ({reason}); is it a complete video file?",
+                         details=str(err))
+
 
 class AtomicVideoWriter:
     """Write uint8 H×W×3 frames to `path` (mp4, libx264); the file appears only when closed cleanly.
@@ -46,26 +86,57 @@ class AtomicVideoWriter:
         self.close(success=exc_type is None)
 
 
-def read_video_meta(path: str | Path) -> dict:
-    """Return {'fps', 'size' (W, H), 'nframes' (may be inf for streams)} of a video file."""
+def read_video_meta(path: str | Path, count: bool = True) -> dict:
+    """Return {'fps', 'size' (W, H), 'nframes'} of a video file; `nframes` may be inf for streams, None
+    with count=False (counting runs ffmpeg over the whole file).
+
+    Raises `BadVideoError` (one line; ffmpeg's output in `.details`) if the path is missing, a folder, or not
+    a decodable video.
+    """
     import imageio.v2 as imageio
 
-    reader = imageio.get_reader(str(path), format="FFMPEG")
+    path = Path(path)
+    _check_video_path(path)
+    try:
+        reader = imageio.get_reader(str(path), format="FFMPEG")
+    except (OSError, RuntimeError, ValueError, IndexError) as e:
+        raise _bad_video(path, e, "opened") from e
     try:
         meta = reader.get_meta_data()
-        n = reader.count_frames()
+        n = reader.count_frames() if count else None
+    except (OSError, RuntimeError, ValueError, IndexError) as e:
+        raise _bad_video(path, e, "read") from e
     finally:
         reader.close()
-    return {"fps": float(meta.get("fps", 0.0)), "size": tuple(meta.get("size", (0, 0))), "nframes": n}
+    size = tuple(meta.get("size") or (0, 0))
+    if min(size) <= 0:
+        raise BadVideoError(path, "has no video stream (no frame size); is it an audio or other non-video file?",
+                            details=repr(meta))
+    return {"fps": float(meta.get("fps") or 0.0), "size": size, "nframes": n}
 
 
 def iter_video_frames(path: str | Path) -> Iterator[np.ndarray]:
-    """Yield uint8 H×W×3 frames one at a time (streaming; the video is never fully in memory)."""
+    """Yield uint8 H×W×3 frames one at a time (streaming; the video is never fully in memory).
+
+    Raises `BadVideoError` if the file cannot be opened or its data is corrupt part-way.
+    """
     import imageio.v2 as imageio
 
-    reader = imageio.get_reader(str(path), format="FFMPEG")
+    path = Path(path)
+    _check_video_path(path)
     try:
-        for frame in reader:
+        reader = imageio.get_reader(str(path), format="FFMPEG")
+    except (OSError, RuntimeError, ValueError, IndexError) as e:
+        raise _bad_video(path, e, "opened") from e
+    try:
+        frames = iter(reader)
+        while True:
+            try:
+                frame = next(frames)
+            except StopIteration:
+                return
+            except (OSError, RuntimeError, ValueError, IndexError) as e:
+                raise _bad_video(path, e, "decoded") from e
             yield np.asarray(frame)[..., :3]
     finally:
         reader.close()

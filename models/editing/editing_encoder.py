@@ -107,7 +107,7 @@ class EditingEncoder(Live3DTrunk):
                 raise ConfigError(
                     "this editing encoder's prompt encoder is MAE, which takes reference images only. For a text "
                     "instruction, edit the input in 2D with the InstructPix2Pix bridge "
-                    "(datasets/instruct_pix2pix.py) and use the result as the reference, or use a checkpoint "
+                    "(pipelines/instruct_pix2pix.py) and use the result as the reference, or use a checkpoint "
                     "trained with prompt_encoder='clip'.")
             return self.prompt_encoder.encode_image(reference), None
         return self.prompt_encoder.encode(reference, text, image_weight)
