@@ -89,7 +89,7 @@ def test_resume_is_bit_exact(runs):
 
 
 def test_frozen_parts_do_not_change(runs):
-    from training.train import build_networks
+    from training.setup import build_networks
 
     cfg = tiny_config(runs["data"], runs["tmp"] / "exps", "full")
     torch.manual_seed(cfg.seed)
@@ -205,7 +205,7 @@ def test_two_process_gloo_ranks_stay_identical(tmp_path):
 
 
 def test_checkpointed_rendering_gives_the_same_gradients():
-    from training.train import Student, TrainConfig, build_networks, set_trainable
+    from training.setup import Student, TrainConfig, build_networks, set_trainable
 
     cfg = TrainConfig()
     cfg.model.tiny, cfg.model.init_checkpoint = True, ""
@@ -245,7 +245,7 @@ def test_clip_student_takes_text_or_reference_per_sample():
     from models.editing.editing_encoder import EditingEncoder, EditingEncoderConfig
     from models.eg3d.config import RendererConfig
     from models.eg3d.triplane_renderer import TriplaneRenderer
-    from training.train import Student
+    from training.setup import Student
 
     torch.manual_seed(0)
     enc = EditingEncoder(EditingEncoderConfig.tiny("clip")).eval()
