@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.eg3d.ops import setup_filter
-from models.eg3d.stylegan2 import Conv2dLayer, FullyConnectedLayer
+from models.eg3d.stylegan2 import Conv2dLayer, FullyConnectedLayer, normalize_2nd_moment
 
 
 @dataclass
@@ -52,10 +52,6 @@ class DiscriminatorConfig:
         return min(self.channel_base // res, self.channel_max)
 
 
-def _normalize_2nd_moment(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    return x * (x.square().mean(dim=1, keepdim=True) + eps).rsqrt()
-
-
 class CameraMapping(nn.Module):
     """c N×c_dim → cmap N×w_dim: embed FC, 2nd-moment normalisation, `num_layers` lrelu FCs (lr ×0.01)."""
 
@@ -68,7 +64,7 @@ class CameraMapping(nn.Module):
             setattr(self, f"fc{i}", layer)
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
-        x = _normalize_2nd_moment(self.embed(c.to(torch.float32)))
+        x = normalize_2nd_moment(self.embed(c.to(torch.float32)))
         for i in range(self.num_layers):
             x = getattr(self, f"fc{i}")(x)
         return x

@@ -89,7 +89,7 @@ def test_resume_is_bit_exact(runs):
 
 
 def test_frozen_parts_do_not_change(runs):
-    from training.train import build_networks
+    from training.setup import build_networks
 
     cfg = tiny_config(runs["data"], runs["tmp"] / "exps", "full")
     torch.manual_seed(cfg.seed)
@@ -242,7 +242,7 @@ def test_two_process_gloo_ranks_stay_identical(tmp_path):
 
 
 def test_checkpointed_rendering_gives_the_same_gradients():
-    from training.train import Student, TrainConfig, build_networks, set_trainable
+    from training.setup import Student, TrainConfig, build_networks, set_trainable
 
     cfg = TrainConfig()
     cfg.model.tiny, cfg.model.init_checkpoint = True, ""
@@ -282,7 +282,7 @@ def test_clip_student_takes_text_or_reference_per_sample():
     from models.editing.editing_encoder import EditingEncoder, EditingEncoderConfig
     from models.eg3d.config import RendererConfig
     from models.eg3d.triplane_renderer import TriplaneRenderer
-    from training.train import Student
+    from training.setup import Student
 
     torch.manual_seed(0)
     enc = EditingEncoder(EditingEncoderConfig.tiny("clip")).eval()
@@ -316,3 +316,65 @@ def test_clip_prompt_training_runs_and_reloads(tmp_path):
     res = main(cfg)
     models = build_models(load_checkpoint(res.run_dir / "final"))
     assert models["encoder"].config.prompt_encoder == "clip"
+
+
+def test_infinite_sampler_walks_the_epochs_in_whole_batches_from_any_start():
+    """Each epoch is the rank's DistributedSampler share cut to whole batches; a stream started at
+    (epoch, batch) is exactly the tail of the stream started at (0, 0)."""
+    from itertools import islice
+
+    from torch.utils.data import DistributedSampler
+
+    from training.setup import InfiniteSampler
+
+    data, batch, epochs = list(range(13)), 2, 4  # 2 ranks: 7 items each, 3 whole batches, 1 dropped per epoch
+    for rank in (0, 1):
+        expected = []
+        for epoch in range(epochs):
+            share = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=5)
+            share.set_epoch(epoch)
+            expected += [(epoch, i) for i in list(share)[:3 * batch]]
+        sampler = InfiniteSampler(data, num_replicas=2, rank=rank, seed=5, batch_size=batch)
+        assert sampler.batches_per_epoch == 3
+        assert list(islice(sampler, len(expected))) == expected
+        sampler.start_epoch, sampler.start_batch = 1, 2
+        tail = expected[(1 * 3 + 2) * batch:]
+        assert list(islice(sampler, len(tail))) == tail
+    ranks = [list(islice(InfiniteSampler(data, 2, r, 5, batch), 6)) for r in (0, 1)]
+    assert not set(ranks[0]) & set(ranks[1])  # the ranks share no item within an epoch
+
+
+def test_discriminator_step_trains_d_then_leaves_it_frozen_for_the_generator_side():
+    from models.discriminator import DiscriminatorConfig, EditingDualDiscriminator
+    from training.losses import d_fake_loss, d_real_loss_r1, discriminator_step, g_adv_loss, generator_step
+    from utils.cameras import sample_training_cameras
+
+    torch.manual_seed(0)
+    D = EditingDualDiscriminator(DiscriminatorConfig.tiny(16))
+    twin = EditingDualDiscriminator(DiscriminatorConfig.tiny(16))
+    twin.load_state_dict(D.state_dict())
+    real, ref = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
+    fake = (torch.rand(2, 3, 16, 16) * 2 - 1).requires_grad_(True)  # stands in for the student's image
+    cam = sample_training_cameras(2, generator=torch.Generator().manual_seed(0))
+    opt, opt_twin = torch.optim.Adam(D.parameters(), lr=1e-2), torch.optim.Adam(twin.parameters(), lr=1e-2)
+
+    logs = discriminator_step(D, opt, real, fake, ref, cam, r1_gamma=1.0)
+    assert set(logs) == {"D/loss_real", "D/loss_fake", "D/r1", "D/logits_real", "D/logits_fake"}
+    assert all(math.isfinite(v) for v in logs.values()) and logs["D/r1"] > 0
+    assert not any(p.requires_grad for p in D.parameters())
+    # the step is: real loss + R1 backward, fake loss backward, one Adam step
+    (d_real_loss_r1(twin, real, ref, cam, 1.0)[0]).backward()
+    d_fake_loss(twin, fake, ref, cam)[0].backward()
+    opt_twin.step()
+    a, b = D.state_dict(), twin.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert fake.grad is None  # the D step never reaches the student's image
+    d_grads = [p.grad.clone() for p in D.parameters()]
+    g_adv_loss(D, fake, ref, cam).backward()
+    assert fake.grad is not None and fake.grad.abs().sum() > 0
+    assert all(torch.equal(p.grad, g) for p, g in zip(D.parameters(), d_grads))  # frozen D: nothing added
+
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    logs = generator_step((w * w).sum(), torch.optim.SGD([w], lr=1.0), [w], grad_clip=1.0)
+    assert logs == {"grad_norm/student": pytest.approx(10.0)}  # ‖2w‖ before clipping
+    assert torch.allclose(w.detach(), torch.tensor([3.0 - 0.6, 4.0 - 0.8]))

@@ -1,4 +1,5 @@
-"""Training losses: teacher-student distillation terms, LPIPS (AlexNet), ArcFace identity, GAN + R1.
+"""Training losses: teacher-student distillation terms, LPIPS (AlexNet), ArcFace identity, GAN + R1, and the
+two optimisation steps built on them (`discriminator_step`, `generator_step`).
 
 All images are N×3×H×W in [-1, 1]. Every L1 is a mean over all elements (as `nn.L1Loss`); LPIPS is
 the mean over the batch of the per-sample AlexNet LPIPS (spatial average, summed over the 5 layers).
@@ -198,3 +199,41 @@ def d_fake_loss(D: nn.Module, image: torch.Tensor, reference: torch.Tensor, came
 def g_adv_loss(D: nn.Module, image: torch.Tensor, reference: torch.Tensor, camera: torch.Tensor) -> torch.Tensor:
     """Generator side: mean(softplus(−D(student image))); gradients flow into `image` only when D is frozen."""
     return F.softplus(-D(image, reference.detach(), camera)).mean()
+
+
+# ------------------------------------------------------------------------------------------- steps
+def discriminator_step(D_ddp: nn.Module, opt_d: torch.optim.Optimizer, real: torch.Tensor, fake: torch.Tensor,
+                       reference: torch.Tensor, camera: torch.Tensor, r1_gamma: float,
+                       grad_clip: float = 0.0) -> dict[str, float]:
+    """One D update: real (+R1 on image and reference), then fake, each forward followed by its backward.
+
+    `D_ddp` is the discriminator or its DDP wrapper; real, fake, reference N×3×R² at D's resolution, camera
+    N×25. D trains only inside this step: it leaves D frozen (requires_grad off), so a following
+    `g_adv_loss` sends gradients into the fake image only. Returns the `D/…` scalars for logging.
+    """
+    D = D_ddp.module if isinstance(D_ddp, nn.parallel.DistributedDataParallel) else D_ddp
+    D.requires_grad_(True)
+    opt_d.zero_grad(set_to_none=True)
+    loss_real, r1, logits_real = d_real_loss_r1(D_ddp, real, reference, camera, r1_gamma)
+    loss_real.backward()
+    loss_fake, logits_fake = d_fake_loss(D_ddp, fake, reference, camera)
+    loss_fake.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(D.parameters(), grad_clip)
+    opt_d.step()
+    D.requires_grad_(False)
+    return {"D/loss_real": loss_real.item(), "D/loss_fake": loss_fake.item(), "D/r1": r1.item(),
+            "D/logits_real": float(logits_real.mean()), "D/logits_fake": float(logits_fake.mean())}
+
+
+def generator_step(loss: torch.Tensor, opt_g: torch.optim.Optimizer, params: list[nn.Parameter],
+                   grad_clip: float = 0.0) -> dict[str, float]:
+    """One student update from its total loss (distillation + weighted GAN term): backward, optional clipping of
+    `params` (the optimiser's parameters) to `grad_clip`, step. Returns {'grad_norm/student'} when clipping."""
+    opt_g.zero_grad(set_to_none=True)
+    loss.backward()
+    logs: dict[str, float] = {}
+    if grad_clip > 0:
+        logs["grad_norm/student"] = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    opt_g.step()
+    return logs

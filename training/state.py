@@ -1,4 +1,5 @@
-"""Checkpoints of a training run: atomic writes, keep the last K, and everything an exact resume needs.
+"""Checkpoints of a training run: atomic writes, keep the last K, everything an exact resume needs, and the
+inference snapshot / original-format export written beside them.
 
 Layout of a run directory (`exps/<name>/`):
 
@@ -11,31 +12,31 @@ Layout of a run directory (`exps/<name>/`):
     final/                           the snapshot written at the end (plus 3dpe.pt when exported)
 
 A checkpoint directory is built under a temporary name and renamed into place, so a killed run never
-leaves a half-written `step_*` behind; `latest_checkpoint` only sees complete ones.
+leaves a half-written `step_*` behind; `latest_checkpoint` only sees complete ones. `training_state` writes
+`training_state.pt` and `restore_training_state` reads it back; `snapshot_writer` writes the inference
+snapshot (into every checkpoint and into `final/`), `write_final` the end-of-run outputs.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
+from torch import nn
+
+from utils.config import to_dict
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
 
 STATE_FILE = "training_state.pt"
 _STEP_RE = re.compile(r"^step_(\d+)$")
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """`torch.save` to a temporary file in the same folder, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------- RNG
@@ -169,3 +170,94 @@ def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor]
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(state[n].to(p.device, p.dtype))
+
+
+# --------------------------------------------------------------------------------- training state
+def training_state(*, step: int, epoch: int, position: int, encoder: nn.Module, D: nn.Module,
+                   opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
+                   sched_g: torch.optim.lr_scheduler.LRScheduler, rng: list[dict[str, Any]], world_size: int,
+                   cfg: "TrainConfig") -> dict[str, Any]:
+    """The content of `training_state.pt`: (epoch, position) is where the next batch comes from, `rng` every
+    rank's `capture_rng` (from `gather_rng`), `config` the run's TrainConfig as JSON."""
+    return {
+        "step": step,
+        "epoch": epoch,
+        "position": position,
+        "student": trainable_state(encoder),
+        "discriminator": D.state_dict(),
+        "opt_g": opt_g.state_dict(),
+        "opt_d": opt_d.state_dict(),
+        "sched_g": sched_g.state_dict(),
+        "rng": rng,
+        "world_size": world_size,
+        "config": json.dumps(to_dict(cfg)),
+    }
+
+
+def restore_training_state(ts: dict[str, Any], *, encoder: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer,
+                           opt_d: torch.optim.Optimizer, sched_g: torch.optim.lr_scheduler.LRScheduler, rank: int,
+                           world_size: int, generators: dict[str, torch.Generator],
+                           verbose: bool = True) -> tuple[int, int, int]:
+    """Load `ts` (a `training_state` dict) into the modules, optimisers and this rank's RNGs (last, so nothing
+    random runs in between); returns (step, epoch, position). With another world size the RNG streams stay
+    as seeded (a note is printed when `verbose`)."""
+    load_trainable_state(encoder, ts["student"])
+    D.load_state_dict(ts["discriminator"])
+    opt_g.load_state_dict(ts["opt_g"])
+    opt_d.load_state_dict(ts["opt_d"])
+    sched_g.load_state_dict(ts["sched_g"])
+    rngs = ts["rng"]
+    if len(rngs) == world_size:
+        restore_rng(rngs[rank], generators)
+    elif verbose:
+        print(f"[train] resume: {len(rngs)} saved ranks != {world_size} now; RNG streams reseeded")
+    return int(ts["step"]), int(ts["epoch"]), int(ts["position"])
+
+
+# ------------------------------------------------------------------------------ snapshots, export
+def snapshot_writer(encoder: nn.Module, renderer: nn.Module, configs: dict[str, Any], source: dict[str, Any],
+                    step: int) -> Callable[[Path], None]:
+    """A `write(dir)` that saves encoder + renderer in the project format (what `save_checkpoint` and
+    `PortraitEditor.from_pretrained` take); `configs` holds the 'encoder' and 'renderer' architecture configs."""
+    def write(dst: Path) -> None:
+        from models.checkpoint import save_pretrained
+
+        save_pretrained(
+            dst,
+            components={"encoder": encoder.state_dict(), "renderer": renderer.state_dict()},
+            model_type="3dpe",
+            config={"encoder": to_dict(configs["encoder"]), "renderer": to_dict(configs["renderer"])},
+            source={**source, "step": step, "trained_by": "training/train.py"},
+        )
+    return write
+
+
+def write_final(run_dir: Path, encoder: nn.Module, renderer: nn.Module, D: nn.Module, configs: dict[str, Any],
+                source: dict[str, Any], step: int, cfg: "TrainConfig") -> None:
+    """End of a run (rank 0): `run_dir/final/` (replaced if present) and, with `cfg.export_3dpe`, `run_dir/3dpe.pt`
+    in the original 3DPE layout (encoder, renderer, discriminator, step, `original_opts(cfg)`)."""
+    final = run_dir / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    snapshot_writer(encoder, renderer, configs, source, step)(final)
+    if cfg.export_3dpe:
+        from models.checkpoint import export_original_3dpe
+
+        export_original_3dpe(run_dir / "3dpe.pt", encoder.state_dict(), renderer.state_dict(),
+                             discriminator_sd=D.state_dict(), step=step, opts=original_opts(cfg))
+
+
+def original_opts(cfg: "TrainConfig") -> dict[str, Any]:
+    """The run's settings under the original `TrainOptions` names (for the exported 3dpe.pt `opts`)."""
+    return {
+        "job_name": cfg.name, "exp_dir": cfg.exp_dir, "train_data_path": cfg.data.train_root,
+        "val_data_path": cfg.data.val_root, "train_epoch": cfg.epochs, "batch_size": cfg.data.batch_size,
+        "val_batch_size": cfg.data.val_batch_size, "seed": cfg.seed, "lr_D": cfg.optim.lr_d,
+        "learning_rate_encoder": cfg.optim.lr, "optim_name_encoder": "adamw", "lpips_lambda": cfg.loss.lpips,
+        "id_lambda": cfg.loss.id, "l1_lambda": cfg.loss.l1, "tri_lambda": cfg.loss.tri,
+        "depth_lambda": cfg.loss.depth, "feature_lambda": cfg.loss.feature, "adv_lambda": cfg.loss.adv,
+        "add_gan_loss_step": cfg.gan.start_step, "use_gan_loss": cfg.gan.enabled, "use_mul_loss": cfg.loss.multiview,
+        "resume_path": cfg.model.init_checkpoint, "save_interval": cfg.log.save_interval,
+        "val_interval": cfg.log.val_interval, "image_interval": cfg.log.image_interval,
+        "print_interval": cfg.log.log_interval, "max_steps": cfg.max_steps,
+    }
