@@ -3,8 +3,9 @@
     python -m tools.evaluate --results results --data-dir test_imgs          # a folder written by test_scripts.py
     python -m tools.evaluate --checkpoint pretrained_models/3dpe.pt --data-dir test_imgs --results results
 
-Writes `<results>/metrics.json` and `<results>/metrics.md`. A metric whose weights are missing is reported as
-unavailable (with the reason) and the others still run. See docs/evaluation.md.
+Writes `<results>/metrics.json` and `<results>/metrics.md`; with `--checkpoint DIR` of a local project folder,
+the figures also go into `DIR/README.md` (its model card, see docs/checkpoints.md). A metric whose weights are
+missing is reported as unavailable (with the reason) and the others still run. See docs/evaluation.md.
 """
 from __future__ import annotations
 
@@ -194,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         result["runtime_seconds_per_edit"] = round(seconds / len(samples), 3)
     (results / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     (results / "metrics.md").write_text(to_markdown(result))
+    if args.checkpoint and (Path(args.checkpoint) / "config.json").is_file():  # a local project folder: its card
+        from models.model_card import update_evaluation
+
+        card = update_evaluation(args.checkpoint, {**result, "data": str(data_dir), "device": args.device})
+        print(f"model card updated: {card}")
     print(to_markdown(result))
     return 0
 

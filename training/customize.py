@@ -167,6 +167,8 @@ def main(cfg: CustomizeConfig, editor: Any = None) -> TrainResult:
     elif not edited_dir.is_dir():
         raise ConfigError(f"customize: '{edited_dir}' does not exist; give DIR/edited/<stem>.png or --instruction")
     data = CustomPairs(input_dir, edited_dir, t.data.resolution, pairs / "dataset.json", cfg.default_focal, t.seed)
+    data.card_data = {"source": str(pairs),  # for the model card (training/card.py)
+                      "edits": f"InstructPix2Pix: {cfg.instruction}" if cfg.instruction else str(edited_dir)}
     if len(data) < t.data.batch_size:
         t.data.batch_size = len(data)
     return train_main(t, train_set=data, val_set=None)

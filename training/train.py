@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from utils import distributed as du
 from training import state as st
+from training.card import training_card
 from training.losses import DistillationLoss, LossConfig, d_fake_loss, d_real_loss_r1, g_adv_loss
 from utils.config import load_config, save_config, to_dict
 from utils.errors import ConfigError
@@ -359,9 +360,11 @@ def original_opts(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
-def _snapshot_writer(student: nn.Module, renderer: nn.Module, configs: dict, source: dict, step: int):
+def _snapshot_writer(student: nn.Module, renderer: nn.Module, configs: dict, source: dict, step: int,
+                     card: dict | None = None):
     def write(dst: Path) -> None:
         from models.checkpoint import save_pretrained
+        from models.model_card import write_model_card
 
         save_pretrained(
             dst,
@@ -370,6 +373,8 @@ def _snapshot_writer(student: nn.Module, renderer: nn.Module, configs: dict, sou
             config={"encoder": to_dict(configs["encoder"]), "renderer": to_dict(configs["renderer"])},
             source={**source, "step": step, "trained_by": "training/train.py"},
         )
+        if card is not None:  # the model card (README.md): training/card.py's facts + the step
+            write_model_card(dst, steps=step, **card)
     return write
 
 
@@ -422,6 +427,7 @@ def main(cfg: TrainConfig, train_set: Dataset | None = None, val_set: Dataset | 
     # ---- data
     if train_set is None:
         train_set, val_set = build_datasets(cfg)
+    card = training_card(cfg, train_set, nets["source"]) if info.is_main else None  # model-card facts
     sampler = ResumableSampler(IndexedEpochs(train_set), info.world_size, info.rank, cfg.seed,
                                cfg.data.batch_size, shuffle=True)
     loader_gen = torch.Generator()  # keeps DataLoader's worker-seed draw off the global RNG
@@ -636,7 +642,7 @@ def main(cfg: TrainConfig, train_set: Dataset | None = None, val_set: Dataset | 
                         "config": json.dumps(to_dict(cfg)),
                     }
                     st.save_checkpoint(ckpt_root, step, training_state,
-                                       _snapshot_writer(encoder, renderer, nets["configs"], nets["source"], step),
+                                       _snapshot_writer(encoder, renderer, nets["configs"], nets["source"], step, card),
                                        keep_last=cfg.log.keep_last)
                 du.barrier()
             if last:
@@ -656,7 +662,7 @@ def main(cfg: TrainConfig, train_set: Dataset | None = None, val_set: Dataset | 
             import shutil
 
             shutil.rmtree(final)
-        _snapshot_writer(encoder, renderer, nets["configs"], nets["source"], step)(final)
+        _snapshot_writer(encoder, renderer, nets["configs"], nets["source"], step, card)(final)
         if cfg.export_3dpe:
             from models.checkpoint import export_original_3dpe
 
