@@ -20,14 +20,15 @@ DEFAULT_CHECKPOINT = "pretrained_models/3dpe.pt"
 CHECKPOINT_HELP = (
     "Download 3dpe.pt from the original authors' release (see README 'Pretrained models': "
     "https://github.com/EzioBy/3dpe) and place it in pretrained_models/, or pass --checkpoint PATH "
-    "(a Live3D encoder_render_*.pt or a project checkpoint folder also works). "
+    "(a Live3D encoder_render_*.pt, a project checkpoint folder or a Hugging Face Hub id ORG/NAME also works). "
     "Use --random-init to test the install without weights."
 )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="3dpe.pt, a Live3D .pt, or a project checkpoint dir")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                   help="3dpe.pt, a Live3D .pt, a project checkpoint dir, or a Hub id ORG/NAME[@REV][/FILE]")
     p.add_argument("--data-dir", default="test_imgs", help="folder with input/ (and ref/, prompts.txt)")
     p.add_argument("--output-dir", default="results")
     p.add_argument("--ref", default=None, help="one reference image applied to every input")
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from datasets.inference_inputs import build_jobs
+    from models.hub import is_local_or_hub
     from pipelines.instruct_pix2pix import bridge_from_args
     from pipelines.editor import PortraitEditor
     from utils.cameras import orbit_cameras, original_test_cameras
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         print("WARNING: --random-init: random weights, the pictures are noise (this only checks the install).")
     else:
         ckpt = Path(args.checkpoint)
-        if not ckpt.exists():
+        if not is_local_or_hub(ckpt):  # a Hub id is looked up (and reported) by from_pretrained
             print(f"error: checkpoint '{ckpt}' not found.\n  {CHECKPOINT_HELP}", file=sys.stderr)
             return 2
         try:

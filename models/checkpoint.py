@@ -37,6 +37,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from models.hub import resolve_weights
 from utils.atomic import atomic_directory, atomic_torch_save
 from utils.errors import ConfigError, MissingWeightsError, UnknownCheckpointFormatError
 
@@ -245,7 +246,7 @@ def detect_format(path: str | os.PathLike) -> str:
     """
     from models.safe_unpickle import load_pickle, safe_torch_load
 
-    path = Path(path)
+    path = resolve_weights(path)  # a local path, or a Hub id → its cached copy
     _check_exists(path)
     kind = _sniff(path)
     if kind in ("dir", "safetensors"):
@@ -268,13 +269,14 @@ def detect_format(path: str | os.PathLike) -> str:
 def load_checkpoint(path: str | os.PathLike, configs: Mapping[str, Any] | None = None) -> LoadedCheckpoint:
     """Load any supported checkpoint to CPU state dicts + architecture configs (no model is built).
 
+    `path`: a file, a project folder, or a Hugging Face Hub id `org/name[@rev][/file]` (models/hub.py).
     `configs` (component → config dataclass or dict) overrides the architecture of original formats, which
     store none (by default the original's defaults, or a `tiny()` config when the shapes say so).
     Optimizer states in training checkpoints are ignored.
     """
     from models.safe_unpickle import load_pickle, safe_torch_load
 
-    path = Path(path)
+    path = resolve_weights(path)  # a local path, or a Hub id → its cached copy
     _check_exists(path)
     kind = _sniff(path)
     if kind in ("dir", "safetensors"):

@@ -78,7 +78,7 @@ class PortraitEditor:
         channels_last: bool = False,
         text_bridge: Any | None = None,
     ) -> "PortraitEditor":
-        """Load any supported checkpoint (3dpe.pt, Live3D .pt, the project format) → editor."""
+        """Load any supported checkpoint (3dpe.pt, Live3D .pt, the project format; a path or a Hub id) → editor."""
         from models.checkpoint import build_models, load_checkpoint
 
         ckpt = load_checkpoint(path)

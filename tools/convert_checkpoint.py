@@ -3,10 +3,11 @@
     python -m tools.convert_checkpoint SRC DST [--to threedpe|3dpe-pt|eg3d-pth] [--config ARCH.json]
 
 SRC: an EG3D network pickle (`ffhqrebalanced512-128.pkl`: G_ema, plus D when present), the converted EG3D
-`.pth`, `3dpe.pt`, a Live3D LT/Normal `.pt`, or a project checkpoint directory. The format is detected
-from the content. Pickles are read with the restricted unpickler: nothing in them runs.
+`.pth`, `3dpe.pt`, a Live3D LT/Normal `.pt`, or a project checkpoint directory — a path, or a Hugging Face
+Hub id `org/name[@rev][/file]` (docs/checkpoints.md). The format is detected from the content. Pickles are
+read with the restricted unpickler: nothing in them runs.
 
---to threedpe (default): DST is a directory (config.json + model.safetensors).
+--to threedpe (default): DST is a directory (config.json + model.safetensors + README.md, the model card).
 --to 3dpe-pt: DST is the original `3dpe.pt` layout (file; a directory gets `3dpe.pt` inside).
 --to eg3d-pth: DST is the original converted EG3D `.pth` (file; a directory gets `ffhqrebalanced512-128.pth`).
 --config: JSON {component: {config fields}} for checkpoints trained with a non-default architecture.
@@ -41,6 +42,7 @@ def convert(src: str | Path, dst: str | Path, to: str = "threedpe", config: dict
 
 def _convert(src: str | Path, dst: str | Path, to: str, config: dict | None) -> tuple[Path, str]:
     from models import checkpoint as ck
+    from models.model_card import write_conversion_card
 
     if to not in TARGETS:
         raise ValueError(f"--to must be one of {TARGETS}, got {to!r}")
@@ -48,6 +50,7 @@ def _convert(src: str | Path, dst: str | Path, to: str, config: dict | None) -> 
     dst = Path(dst)
     if to == "threedpe":
         out = ck.save_pretrained(dst, ckpt.components, ckpt.model_type, ck.config_dicts(ckpt), ck.source_info(ckpt))
+        write_conversion_card(out, ckpt, src)  # README.md: licence, source sha256 (models/model_card.py)
     elif to == "3dpe-pt":
         out = ck.export_3dpe_pt(ckpt, _target_file(dst, to))
     else:

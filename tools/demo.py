@@ -331,7 +331,7 @@ def launch(app: Any, port: int | None = None, share: bool = False, block: bool =
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="3dpe.pt, a Live3D .pt, a project checkpoint dir or a Hub id ORG/NAME")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when present)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--port", type=int, default=7860)
@@ -356,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from models.hub import is_local_or_hub
+    from utils.errors import ThreeDPEError
     from pipelines.editor import PortraitEditor
     from utils.device import resolve_device
     from pipelines.instruct_pix2pix import bridge_from_args
@@ -367,13 +369,17 @@ def main(argv: list[str] | None = None) -> int:
                                             device=device, precision=args.precision, text_bridge=bridge)
         print("WARNING: --random-init: random weights, the pictures are noise.", file=sys.stderr)
     else:
-        if not Path(args.checkpoint).exists():
+        if not is_local_or_hub(args.checkpoint):
             print(f"error: checkpoint '{args.checkpoint}' not found. Download 3dpe.pt (README 'Pretrained models') "
                   "into pretrained_models/ or pass --checkpoint; --random-init tries the UI without weights.",
                   file=sys.stderr)
             return 2
-        editor = PortraitEditor.from_pretrained(args.checkpoint, device=device, precision=args.precision,
-                                                text_bridge=bridge)
+        try:
+            editor = PortraitEditor.from_pretrained(args.checkpoint, device=device, precision=args.precision,
+                                                    text_bridge=bridge)
+        except ThreeDPEError as e:  # e.g. a Hub id that is not cached offline: one line, no traceback
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     # The temporary folder goes when the app stops: launch returns when the app is closed or on Ctrl-C (Gradio
     # catches it), and the `with` also covers an exception or a Ctrl-C raised outside Gradio's loop.
     try:

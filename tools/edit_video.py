@@ -471,7 +471,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--ref", default=None, help="reference image (the edit to apply)")
     g.add_argument("--prompt", default=None, help="text prompt (CLIP checkpoints; MAE ones go through InstructPix2Pix)")
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="3dpe.pt, a Live3D .pt or a project checkpoint dir")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="3dpe.pt, a Live3D .pt, a project checkpoint dir or a Hub id ORG/NAME")
     p.add_argument("--out", required=True, help="output .mp4")
     p.add_argument("--side-by-side", action="store_true", help="write [aligned input | edit]")
     p.add_argument("--camera", choices=CAMERA_MODES, default="frontal")
@@ -530,6 +530,7 @@ def build_prompt(editor: Any, ref: str | Path | None, text: str | None, size: in
 def run(argv: list[str] | None = None) -> dict:
     """Run the CLI; print and return the summary dict (`ok` False on a user error, with `error`)."""
     args = parse_args(argv)
+    from models.hub import is_local_or_hub
     from pipelines.instruct_pix2pix import bridge_from_args
     from pipelines.editor import PortraitEditor
     from utils.device import resolve_device
@@ -559,7 +560,7 @@ def run(argv: list[str] | None = None) -> dict:
             print("WARNING: --random-init: random weights, the frames are noise (this only checks the pipeline).",
                   file=sys.stderr)
         else:
-            if not Path(args.checkpoint).exists():
+            if not is_local_or_hub(args.checkpoint):
                 return fail(f"checkpoint '{args.checkpoint}' not found. Download 3dpe.pt (README 'Pretrained "
                             "models') into pretrained_models/ or pass --checkpoint; --random-init checks the install.")
             editor = PortraitEditor.from_pretrained(args.checkpoint, device=device, precision=args.precision,

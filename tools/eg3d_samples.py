@@ -93,7 +93,7 @@ def save_seed(outdir: Path, seed: int, result: dict[str, torch.Tensor], save_ten
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.eg3d_samples", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--network", required=True, help="EG3D .pkl, converted .pth, or project checkpoint directory")
+    parser.add_argument("--network", required=True, help="EG3D .pkl, converted .pth, project checkpoint directory, or a Hub id ORG/NAME[/FILE]")
     parser.add_argument("--seeds", required=True, help="e.g. 11-12 or 0,3,5-7")
     parser.add_argument("--outdir", required=True, help="output folder")
     parser.add_argument("--trunc", type=float, default=0.7, help="truncation psi (default 0.7)")

@@ -7,7 +7,8 @@ Writes `<results>/metrics.json` and `<results>/metrics.md` (atomically). A metri
 reported as "unavailable" (with the reason) and the others still run; a metric that does not apply to an input (no
 prompt, no reference, one view) is "not applicable". With --checkpoint, the runtime per edit is the median over
 inputs of encode prompt + edit + render (no model loading, no file I/O), and a failed inference run makes the report
-say "failed" and the exit status non-zero. See docs/evaluation.md.
+say "failed" and the exit status non-zero. With `--checkpoint DIR` of a local project folder, the figures
+also go into `DIR/README.md` (its model card, see docs/checkpoints.md). See docs/evaluation.md.
 """
 from __future__ import annotations
 
@@ -374,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"error: cannot write the report in '{results}': {e.strerror or e}", file=sys.stderr)
         return 1
+    if args.checkpoint and (Path(args.checkpoint) / "config.json").is_file():  # a local project folder: its card
+        from models.model_card import update_evaluation
+
+        card = update_evaluation(args.checkpoint, {**result, "data": str(data_dir), "device": args.device})
+        print(f"model card updated: {card}")
     print(report)
     if run is not None and not run.ok:
         return run.exit_code if run.exit_code in (1, 2) else 1

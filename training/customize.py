@@ -236,6 +236,8 @@ def main(cfg: CustomizeConfig, editor: Any = None) -> TrainResult:
     if data.unmatched and env_info()[0] == 0:
         print(f"warning: {len(data.unmatched)} of {len(data.unmatched) + len(data)} inputs in '{input_dir}' have no "
               f"edit in '{edited_dir}' and are skipped: {', '.join(data.unmatched)}", file=sys.stderr)
+    data.card_data = {"source": str(pairs),  # for the model card (training/card.py)
+                      "edits": f"InstructPix2Pix: {cfg.instruction}" if cfg.instruction else str(edited_dir)}
     if len(data) < t.data.batch_size:
         t.data.batch_size = len(data)
     return train_main(t, train_set=data, val_set=None)

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from training import state as st
+from training.card import training_card
 from training.config import TrainConfig
 from training.losses import DistillationLoss
 from utils import distributed as du
@@ -262,6 +263,7 @@ class TrainingSetup:
     total_steps: int
     configs: dict[str, Any]          # architecture configs: encoder, renderer, discriminator
     source: dict[str, Any]           # provenance written into every snapshot
+    card: dict[str, Any] | None      # model-card facts (rank 0; training/card.py), None on other ranks
     step: int                        # steps done so far
     epoch: int                       # the epoch of the next batch
     position: int                    # batches of that epoch already done
@@ -348,4 +350,5 @@ def build_training(cfg: TrainConfig, train_set: Dataset | None = None,
         encoder=encoder, renderer=renderer, D=D, student=student, student_ddp=student_ddp, D_ddp=D_ddp, loss_fn=loss_fn,
         trainable=trainable, opt_g=opt_g, opt_d=opt_d, sched_g=sched_g, loader=loader, val_set=val_set,
         cam_gen=cam_gen, steps_per_epoch=steps_per_epoch, total_steps=total_steps, configs=nets["configs"],
-        source=nets["source"], step=step, epoch=epoch, position=position)
+        source=nets["source"], card=training_card(cfg, train_set, nets["source"]) if info.is_main else None,
+        step=step, epoch=epoch, position=position)

@@ -216,11 +216,13 @@ def restore_training_state(ts: dict[str, Any], *, encoder: nn.Module, D: nn.Modu
 
 # ------------------------------------------------------------------------------ snapshots, export
 def snapshot_writer(encoder: nn.Module, renderer: nn.Module, configs: dict[str, Any], source: dict[str, Any],
-                    step: int) -> Callable[[Path], None]:
+                    step: int, card: dict[str, Any] | None = None) -> Callable[[Path], None]:
     """A `write(dir)` that saves encoder + renderer in the project format (what `save_checkpoint` and
-    `PortraitEditor.from_pretrained` take); `configs` holds the 'encoder' and 'renderer' architecture configs."""
+    `PortraitEditor.from_pretrained` take); `configs` holds the 'encoder' and 'renderer' architecture configs.
+    With `card` (training/card.py's facts) the folder also gets its model card (README.md)."""
     def write(dst: Path) -> None:
         from models.checkpoint import save_pretrained
+        from models.model_card import write_model_card
 
         save_pretrained(
             dst,
@@ -229,17 +231,19 @@ def snapshot_writer(encoder: nn.Module, renderer: nn.Module, configs: dict[str, 
             config={"encoder": to_dict(configs["encoder"]), "renderer": to_dict(configs["renderer"])},
             source={**source, "step": step, "trained_by": "training/train.py"},
         )
+        if card is not None:
+            write_model_card(dst, steps=step, **card)
     return write
 
 
 def write_final(run_dir: Path, encoder: nn.Module, renderer: nn.Module, D: nn.Module, configs: dict[str, Any],
-                source: dict[str, Any], step: int, cfg: "TrainConfig") -> None:
+                source: dict[str, Any], step: int, cfg: "TrainConfig", card: dict[str, Any] | None = None) -> None:
     """End of a run (rank 0): `run_dir/final/` (replaced if present) and, with `cfg.export_3dpe`, `run_dir/3dpe.pt`
     in the original 3DPE layout (encoder, renderer, discriminator, step, `original_opts(cfg)`)."""
     final = run_dir / "final"
     if final.exists():
         shutil.rmtree(final)
-    snapshot_writer(encoder, renderer, configs, source, step)(final)
+    snapshot_writer(encoder, renderer, configs, source, step, card)(final)
     if cfg.export_3dpe:
         from models.checkpoint import export_original_3dpe
 

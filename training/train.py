@@ -156,7 +156,7 @@ def save(s: TrainingSetup, cfg: TrainConfig, step: int, epoch: int, position: in
                                   opt_g=s.opt_g, opt_d=s.opt_d, sched_g=s.sched_g, rng=rng,
                                   world_size=s.info.world_size, cfg=cfg)
         st.save_checkpoint(s.ckpt_root, step, state, st.snapshot_writer(s.encoder, s.renderer, s.configs, s.source,
-                                                                         step), keep_last=cfg.log.keep_last)
+                                                                         step, s.card), keep_last=cfg.log.keep_last)
     du.barrier()
 
 
@@ -250,7 +250,7 @@ def main(cfg: TrainConfig, train_set: Dataset | None = None, val_set: Dataset | 
 
     # ---- finish: slim inference snapshot (+ the original 3dpe.pt layout)
     if info.is_main and not stopped:
-        st.write_final(s.run_dir, s.encoder, s.renderer, s.D, s.configs, s.source, step, cfg)
+        st.write_final(s.run_dir, s.encoder, s.renderer, s.D, s.configs, s.source, step, cfg, s.card)
     if pbar is not None:
         pbar.close()
     if writer is not None:

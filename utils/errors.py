@@ -21,6 +21,17 @@ class MissingWeightsError(ThreeDPEError, FileNotFoundError):
         )
 
 
+class HubWeightsError(MissingWeightsError):
+    """Weights named by a Hugging Face Hub id cannot be had (not cached offline, no such repository/revision/file).
+
+    One line: the id, that no local file of that name exists, and the fix (`hf download ...`).
+    """
+
+    def __init__(self, spec: str, message: str):
+        self.path = str(spec)
+        ThreeDPEError.__init__(self, message)
+
+
 class UnsafePickleError(ThreeDPEError):
     """A pickle asked for a global outside the allow-list; nothing from it was executed."""
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.hub import resolve_weights
 from utils.errors import ConfigError, MissingWeightsError
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def _resolve_weight_file(model_name: str, pretrained: str) -> str:
     """A local file for `pretrained` (file, folder, or tag); MissingWeightsError when none can be had."""
     import open_clip
 
-    path = Path(pretrained).expanduser()
+    path = resolve_weights(Path(pretrained).expanduser(), files=_FOLDER_WEIGHT_NAMES)  # a Hub id → its cached file
     if path.is_file():
         return str(path)
     if path.is_dir():

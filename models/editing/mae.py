@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.hub import resolve_weights
 from utils.errors import MissingWeightsError, UnknownCheckpointFormatError
 
 MAE_URL = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth"
@@ -199,7 +200,7 @@ def read_official_mae(path: str | Path = DEFAULT_MAE_WEIGHTS) -> dict[str, torch
     Raises MissingWeightsError when the file is absent, UnknownCheckpointFormatError when it holds no
     MAE encoder.
     """
-    p = Path(path)
+    p = resolve_weights(path, files=(Path(DEFAULT_MAE_WEIGHTS).name,))  # a Hub id → its cached file
     if not p.is_file():
         raise MissingWeightsError(str(p), "MAE ViT-B/16 pretrain weights", MAE_URL)
     ckpt = torch.load(p, map_location="cpu", weights_only=True)
