@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import read_key_list
-from encoder_parity import (load_parity_outputs, IMAGE_SIZE, REFERENCE_SIZE, hashed_state_dict, pattern_image,
-                            relative_error)
+from encoder_parity import IMAGE_SIZE, REFERENCE_SIZE, hashed_state_dict, pattern_image, relative_error
 from models.editing.editing_encoder import EditingEncoder, EditingEncoderConfig
 from models.editing.fuser import CrossAttentionFuser
 from models.editing.mae import IMAGENET_MEAN, IMAGENET_STD, MAE_URL, MAEViT, MAEViTConfig
@@ -29,7 +28,7 @@ def tiny():
     return EditingEncoder(EditingEncoderConfig.tiny()).eval()
 
 
-def test_full_state_dict_matches_3dpe_and_parity(full_model, keys_dir):
+def test_full_state_dict_matches_3dpe_and_parity(full_model, keys_dir, request):
     """327 keys in the original order; a dict built from the key list loads strictly; the MAE tokens and
     the triplane (1-batch tokens broadcast to 2 images) match the original code within 1e-4 relative."""
     expected = read_key_list(keys_dir / "3dpe_encoder_state_dict.tsv")
@@ -37,17 +36,18 @@ def test_full_state_dict_matches_3dpe_and_parity(full_model, keys_dir):
     assert [(k, tuple(v.shape)) for k, v in full_model.state_dict().items()] == expected
     assert not full_model.Ref_encoder.mae_encoder.pos_embed.requires_grad
     full_model.load_state_dict(hashed_state_dict(expected), strict=True)
-    ref_out = load_parity_outputs()
-    if ref_out is None:
-        pytest.skip("encoder parity fixture not available (set THREEDPE_ENCODER_PARITY); keys checked above")
+    ref_out = request.getfixturevalue("encoder_parity_outputs")  # skips without it (fails under CI=true)
     reference = pattern_image(1, REFERENCE_SIZE, phase=1.0)
     with torch.no_grad():
         tokens, bias = full_model.encode_prompt(reference=reference)
         assert tokens.shape == (1, 197, 768) and bias is None
-        assert relative_error(tokens[:, ::4, ::8], ref_out["mae_tokens"]) < 1e-4
+        err_tokens = relative_error(tokens[:, ::4, ::8], ref_out["mae_tokens"])
         out = full_model(pattern_image(2, IMAGE_SIZE, phase=0.5), tokens)
         assert out.shape == (2, 96, IMAGE_SIZE // 2, IMAGE_SIZE // 2)
-        assert relative_error(out[:, :, ::2, ::2], ref_out["edit"]) < 1e-4
+        err_edit = relative_error(out[:, :, ::2, ::2], ref_out["edit"])
+        print(f"MAE tokens vs original: relative error {err_tokens:.3g}; editing triplane: {err_edit:.3g}")
+        assert err_tokens < 1e-4
+        assert err_edit < 1e-4
         # The fixture is sensitive to the resize: an antialiased one (torchvision >= 0.17) is out of tolerance.
         mae = full_model.Ref_encoder.mae_encoder
         x = F.interpolate((reference + 1) / 2, size=(224, 224), mode="bicubic", align_corners=False,

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import read_key_list
-from encoder_parity import load_parity_outputs, IMAGE_SIZE, hashed_state_dict, pattern_image, relative_error
+from encoder_parity import IMAGE_SIZE, hashed_state_dict, pattern_image, relative_error
 from models.live3d.aspp import DeepLabV3Decoder
 from models.live3d.encoder import Live3DConfig, Live3DEncoder, append_coordinates
 from models.live3d.mix_transformer import Attention, Block, OverlapPatchEmbed
@@ -21,15 +21,11 @@ def _keys(keys_dir, mode):
     return read_key_list(keys_dir / f"live3d_{mode}_encoder_state_dict.tsv")
 
 
-@pytest.fixture(scope="module")
-def fixture_outputs():
-    return load_parity_outputs()
-
-
 @pytest.mark.parametrize("mode", MODES)
-def test_full_size_state_dict_matches_original_and_parity(mode, keys_dir, fixture_outputs):
+def test_full_size_state_dict_matches_original_and_parity(mode, keys_dir, request):
     """Keys, shapes and order equal the original checkpoint; a state dict built from the key list loads
-    strictly and the triplane matches the original code's within 1e-4 relative."""
+    strictly and the triplane matches the original code's (the encoder parity fixture; without it the
+    keys are still checked, then the test skips, or fails under CI=true)."""
     expected = _keys(keys_dir, mode)
     assert len(expected) == (170 if mode == "LT" else 210)
     torch.manual_seed(0)
@@ -41,9 +37,9 @@ def test_full_size_state_dict_matches_original_and_parity(mode, keys_dir, fixtur
     with torch.no_grad():
         out = model(pattern_image(1, IMAGE_SIZE))
     assert out.shape == (1, 96, IMAGE_SIZE // 2, IMAGE_SIZE // 2)
-    if fixture_outputs is None:
-        pytest.skip("encoder parity fixture not available (set THREEDPE_ENCODER_PARITY); keys checked above")
-    assert relative_error(out[:, :, ::2, ::2], fixture_outputs[mode]) < 1e-4
+    err = relative_error(out[:, :, ::2, ::2], request.getfixturevalue("encoder_parity_outputs")[mode])
+    print(f"{mode} encoder vs original: relative error {err:.3g}")
+    assert err < 1e-4
 
 
 @pytest.mark.parametrize("mode", MODES)
