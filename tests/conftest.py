@@ -22,10 +22,10 @@ def reference_path() -> Path:
     return Path(os.environ.get("THREEDPE_REFERENCE", str(ROOT.parent / "shared" / "reference")))
 
 
-def require_reference(path: Path, what: str) -> Path:
+def require_reference(path: Path, what: str, variable: str = "THREEDPE_REFERENCE") -> Path:
     """`path` if it exists; otherwise skip the test, or fail it under CI=true (CI must not skip parity)."""
     if not path.exists():
-        msg = f"{what} {path} is absent (set THREEDPE_REFERENCE)"
+        msg = f"{what} {path} is absent (set {variable})"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(msg)
         pytest.skip(msg)
@@ -47,7 +47,7 @@ def encoder_parity_outputs() -> dict[str, torch.Tensor]:
     """
     env = os.environ.get("THREEDPE_ENCODER_PARITY")
     path = Path(env) if env else reference_path() / "fixtures" / "encoder_parity.pt"
-    require_reference(path, "encoder parity fixture")
+    require_reference(path, "encoder parity fixture", "THREEDPE_REFERENCE or THREEDPE_ENCODER_PARITY")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

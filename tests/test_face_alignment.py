@@ -112,7 +112,7 @@ def test_pos_fit_on_exact_projection():
     assert (box.center_x, box.center_y) == pytest.approx((300.0, 201.0))
 
 
-@pytest.mark.parametrize("s_rounding", [0.0, 4e-15, -4e-15], ids=["as-fitted", "s-low", "s-high"])
+@pytest.mark.parametrize("s_rounding", [0.0, 1e-12, -1e-12], ids=["as-fitted", "s-low", "s-high"])
 @pytest.mark.parametrize(
     "size,center,k",
     [((640, 560), (320.0, 260.0), 200.0), ((800, 700), (401.3, 330.7), 219.4286), ((1000, 900), (480.2, 440.9), 400.0)],
@@ -126,8 +126,8 @@ def test_frontal_projection_lands_on_template(size, center, k, s_rounding):
 
     For k = 200 and 400, W·s and H·s are whole numbers in exact arithmetic, so whether int() lands on
     them or one below depends on the last bit of the POS fit (1.5 vs 1.4999999999999998 from
-    the same lstsq on other CPUs/BLAS builds). `s_rounding` nudges s_pos by a few ulps either way, so
-    both outcomes are checked on every machine.
+    the same lstsq on other CPUs/BLAS builds). `s_rounding` nudges s_pos by 1e-12 relative either way
+    (far above the fit's rounding, far below any visible change), so both outcomes are checked on every machine.
     """
     w, h = size
     lm = frontal_landmarks(center[0], center[1], k)
@@ -222,7 +222,7 @@ def test_crop_box_roundtrip_and_box_form():
     # (same s, so only the offset truncation differs: less than 512/700 px)
     moved = CropBox(box.center_x + 10, box.center_y, box.size)
     p = map_points_to_crop(lm, moved, img.size) - map_points_to_crop(lm, box, img.size)
-    np.testing.assert_allclose(p[:, 0], -10 * 512 / box.size, atol=512 / 700)
+    np.testing.assert_allclose(p[:, 0], -10 * 512 / box.size, atol=512 / 700 + 1e-9)  # measured 0.24
     assert np.asarray(crop_image(img, box, output_size=256)).shape == (256, 256, 3)
 
 

@@ -15,6 +15,8 @@ from utils.config import from_dict, to_dict
 from utils.errors import ConfigError
 
 MODES = ("LT", "Normal")
+# max |ours − original| / max |original|, ~10× the largest measured:
+PARITY_TOL = 3e-5  # measured LT 3.1e-6 (1.7e-6 in the fixture's README), Normal 3.3e-6 (3.2e-6)
 
 
 def _keys(keys_dir, mode):
@@ -39,7 +41,7 @@ def test_full_size_state_dict_matches_original_and_parity(mode, keys_dir, reques
     assert out.shape == (1, 96, IMAGE_SIZE // 2, IMAGE_SIZE // 2)
     err = relative_error(out[:, :, ::2, ::2], request.getfixturevalue("encoder_parity_outputs")[mode])
     print(f"{mode} encoder vs original: relative error {err:.3g}")
-    assert err < 1e-4
+    assert err < PARITY_TOL
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -135,7 +137,7 @@ def test_aspp_pooling_branch_and_rates():
         pooled = dec[0].convs[4](x)
         want = F.relu(dec[0].convs[4][1](x.mean(dim=(2, 3), keepdim=True)))
     assert pooled.shape == (1, 16, 5, 7)
-    assert torch.allclose(pooled, want.expand_as(pooled), atol=1e-6)
+    assert torch.allclose(pooled, want.expand_as(pooled), rtol=0, atol=6e-7)  # measured 6.0e-8
     assert dec(x).shape == (1, 16, 5, 7)
 
 
@@ -157,7 +159,7 @@ def test_mix_attention_equals_explicit_softmax(sr_ratio):
         k, v = attn.kv(src).reshape(2, -1, 2, 2, 8).permute(2, 0, 3, 1, 4)
         a = torch.softmax(q @ k.transpose(-2, -1) * 8 ** -0.5, dim=-1)
         want = attn.proj((a @ v).transpose(1, 2).reshape(2, h * w, 16))
-    assert torch.allclose(out, want, atol=1e-5)
+    assert torch.allclose(out, want, rtol=0, atol=3.5e-6)  # measured 3.6e-7
 
 
 def test_block_and_patch_embed_conventions():
