@@ -18,19 +18,37 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def reference_path() -> Path:
+    """`$THREEDPE_REFERENCE`, default ../shared/reference (next to the repository)."""
     return Path(os.environ.get("THREEDPE_REFERENCE", str(ROOT.parent / "shared" / "reference")))
+
+
+def require_reference(path: Path, what: str, variable: str = "THREEDPE_REFERENCE") -> Path:
+    """`path` if it exists; otherwise skip the test, or fail it under CI=true (CI must not skip parity)."""
+    if not path.exists():
+        msg = f"{what} {path} is absent (set {variable})"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
 
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """`$THREEDPE_REFERENCE` (default ../shared/reference); skip if absent, fail under CI=true."""
-    path = reference_path()
-    if not path.is_dir():
-        msg = f"reference folder {path} is absent (set THREEDPE_REFERENCE)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
+    return require_reference(reference_path(), "reference folder")
+
+
+@pytest.fixture(scope="session")
+def encoder_parity_outputs() -> dict[str, torch.Tensor]:
+    """The original encoders' outputs for tests/encoder_parity.py's weights and inputs (see its docstring).
+
+    Read from `$THREEDPE_ENCODER_PARITY` if set, else `<reference>/fixtures/encoder_parity.pt`; skip if
+    absent, fail under CI=true.
+    """
+    env = os.environ.get("THREEDPE_ENCODER_PARITY")
+    path = Path(env) if env else reference_path() / "fixtures" / "encoder_parity.pt"
+    require_reference(path, "encoder parity fixture", "THREEDPE_REFERENCE or THREEDPE_ENCODER_PARITY")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="session")

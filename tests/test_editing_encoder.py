@@ -8,13 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from conftest import read_key_list
-from encoder_parity import (load_parity_outputs, IMAGE_SIZE, REFERENCE_SIZE, hashed_state_dict, pattern_image,
-                            relative_error)
+from encoder_parity import IMAGE_SIZE, REFERENCE_SIZE, hashed_state_dict, pattern_image, relative_error
 from models.editing.editing_encoder import EditingEncoder, EditingEncoderConfig
 from models.editing.fuser import CrossAttentionFuser
 from models.editing.mae import IMAGENET_MEAN, IMAGENET_STD, MAE_URL, MAEViT, MAEViTConfig
 from models.live3d.encoder import Live3DConfig, Live3DEncoder
 from utils.errors import ConfigError, MissingWeightsError, UnknownCheckpointFormatError
+
+# max |ours − original| / max |original| on the encoder parity fixture, ~10× the largest measured:
+TOKENS_TOL = 5e-6  # MAE tokens: measured 5.2e-7 (bit-identical on the fixture author's machine)
+EDIT_TOL = 3e-5  # editing triplane: measured 2.6e-6 (the same in the fixture's README)
 
 
 @pytest.fixture(scope="module")
@@ -29,31 +32,34 @@ def tiny():
     return EditingEncoder(EditingEncoderConfig.tiny()).eval()
 
 
-def test_full_state_dict_matches_3dpe_and_parity(full_model, keys_dir):
+def test_full_state_dict_matches_3dpe_and_parity(full_model, keys_dir, request):
     """327 keys in the original order; a dict built from the key list loads strictly; the MAE tokens and
-    the triplane (1-batch tokens broadcast to 2 images) match the original code within 1e-4 relative."""
+    the triplane (1-batch tokens broadcast to 2 images) match the original code's (TOKENS_TOL, EDIT_TOL)."""
     expected = read_key_list(keys_dir / "3dpe_encoder_state_dict.tsv")
     assert len(expected) == 327
     assert [(k, tuple(v.shape)) for k, v in full_model.state_dict().items()] == expected
     assert not full_model.Ref_encoder.mae_encoder.pos_embed.requires_grad
     full_model.load_state_dict(hashed_state_dict(expected), strict=True)
-    ref_out = load_parity_outputs()
-    if ref_out is None:
-        pytest.skip("encoder parity fixture not available (set THREEDPE_ENCODER_PARITY); keys checked above")
+    ref_out = request.getfixturevalue("encoder_parity_outputs")  # skips without it (fails under CI=true)
     reference = pattern_image(1, REFERENCE_SIZE, phase=1.0)
     with torch.no_grad():
         tokens, bias = full_model.encode_prompt(reference=reference)
         assert tokens.shape == (1, 197, 768) and bias is None
-        assert relative_error(tokens[:, ::4, ::8], ref_out["mae_tokens"]) < 1e-4
+        err_tokens = relative_error(tokens[:, ::4, ::8], ref_out["mae_tokens"])
         out = full_model(pattern_image(2, IMAGE_SIZE, phase=0.5), tokens)
         assert out.shape == (2, 96, IMAGE_SIZE // 2, IMAGE_SIZE // 2)
-        assert relative_error(out[:, :, ::2, ::2], ref_out["edit"]) < 1e-4
+        err_edit = relative_error(out[:, :, ::2, ::2], ref_out["edit"])
+        print(f"MAE tokens vs original: relative error {err_tokens:.3g}; editing triplane: {err_edit:.3g}")
+        assert err_tokens < TOKENS_TOL
+        assert err_edit < EDIT_TOL
         # The fixture is sensitive to the resize: an antialiased one (torchvision >= 0.17) is out of tolerance.
         mae = full_model.Ref_encoder.mae_encoder
         x = F.interpolate((reference + 1) / 2, size=(224, 224), mode="bicubic", align_corners=False,
                           antialias=True)
         x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        assert relative_error(mae(x)[:, ::4, ::8], ref_out["mae_tokens"]) > 1e-3
+        err_antialiased = relative_error(mae(x)[:, ::4, ::8], ref_out["mae_tokens"])
+        print(f"MAE tokens after an antialiased resize: relative error {err_antialiased:.3g}")
+        assert err_antialiased > 1000 * TOKENS_TOL  # measured 0.21
 
 
 def test_load_live3d_init_full_size(full_model, keys_dir):
@@ -107,8 +113,8 @@ def test_token_broadcast_equals_per_sample_tokens(tiny):
         shared = tiny(img, tokens)
         per_sample = tiny(img, tokens.expand(3, -1, -1).clone())
         single = tiny(img[1:2], tokens)
-    assert torch.allclose(shared, per_sample, atol=1e-6)
-    assert torch.allclose(shared[1:2], single, atol=1e-5)
+    assert torch.allclose(shared, per_sample, rtol=0, atol=1e-6)  # measured 0 (same kernels here)
+    assert torch.allclose(shared[1:2], single, rtol=0, atol=1.2e-5)  # batch 3 vs 1: measured 1.2e-6
     with pytest.raises(ValueError, match="batch"):
         tiny(img, torch.randn(2, 17, 32))
 
@@ -123,8 +129,8 @@ def test_token_bias_minus_inf_drops_tokens_and_zero_is_neutral(tiny):
         dropped = tiny(img, tokens[:, :5])
         plain = tiny(img, tokens)
         zero = tiny(img, tokens, torch.zeros(1, 17))
-    assert torch.allclose(masked, dropped, atol=1e-5)
-    assert torch.allclose(zero, plain, atol=1e-6)
+    assert torch.allclose(masked, dropped, rtol=0, atol=1e-5)  # measured 9.2e-7
+    assert torch.allclose(zero, plain, rtol=0, atol=1e-6)  # measured 0
     assert not torch.allclose(masked, plain, atol=1e-3)
 
 
@@ -142,7 +148,7 @@ def test_fuser_matches_explicit_attention():
         m = (a @ tokens).transpose(1, 2).reshape(2, 16, h, w)
         want = F.pixel_shuffle(fuser.proj_tail(F.pixel_shuffle(m, 2)), 2)
     assert out.shape == high.shape == want.shape
-    assert torch.allclose(out, want, atol=1e-5)
+    assert torch.allclose(out, want, rtol=0, atol=2e-6)  # measured 1.8e-7
     assert fuser.proj_tail.bias is None and list(fuser.state_dict())[0].startswith("pre_conv")
 
 
@@ -169,7 +175,7 @@ def test_mae_preprocessing_is_torchvision014_resize():
     want = tv.Compose([tv.Resize(224, interpolation=tv.InterpolationMode.BICUBIC, antialias=False),
                        tv.Normalize(IMAGENET_MEAN, IMAGENET_STD)])((ref + 1) / 2)
     assert ours.shape == (2, 3, 224, 224)
-    assert torch.allclose(ours, want, atol=1e-6)
+    assert torch.allclose(ours, want, rtol=0, atol=1e-6)  # measured 0 (the same interpolate call)
     antialiased = tv.Normalize(IMAGENET_MEAN, IMAGENET_STD)(
         tv.Resize(224, interpolation=tv.InterpolationMode.BICUBIC, antialias=True)((ref + 1) / 2))
     assert (ours - antialiased).abs().max() > 0.1

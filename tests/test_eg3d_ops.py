@@ -36,13 +36,14 @@ def test_bias_act_linear_and_lrelu():
     assert torch.allclose(bias_act(x, b), x + b.view(1, 5, 1, 1))
     y = bias_act(x, b, act="lrelu")
     z = x + b.view(1, 5, 1, 1)
-    assert torch.allclose(y, torch.where(z >= 0, z, 0.2 * z) * math.sqrt(2), atol=1e-6)
+    # measured 0 for the three below (same elementwise ops); 1e-6 ≈ 10 float32 steps at |y| ≤ 4
+    assert torch.allclose(y, torch.where(z >= 0, z, 0.2 * z) * math.sqrt(2), rtol=0, atol=1e-6)
     y = bias_act(x, b, act="lrelu", alpha=0.1, gain=3.0, clamp=0.5)
-    assert torch.allclose(y, (torch.where(z >= 0, z, 0.1 * z) * 3.0).clamp(-0.5, 0.5), atol=1e-6)
+    assert torch.allclose(y, (torch.where(z >= 0, z, 0.1 * z) * 3.0).clamp(-0.5, 0.5), rtol=0, atol=1e-6)
     # bias along the last dim (fully connected layers)
     x2 = torch.randn(4, 7)
     b2 = torch.randn(7)
-    assert torch.allclose(bias_act(x2, b2, dim=1, act="relu"), F.relu(x2 + b2) * math.sqrt(2), atol=1e-6)
+    assert torch.allclose(bias_act(x2, b2, dim=1, act="relu"), F.relu(x2 + b2) * math.sqrt(2), rtol=0, atol=1e-6)
 
 
 def test_bias_act_errors():
@@ -67,7 +68,7 @@ def test_upfirdn2d_matches_naive(up, down, pad):
     out = upfirdn2d(x, f, up=up, down=down, padding=list(pad), gain=1.7)
     ref = _naive_upfirdn2d(x.double().numpy(), f.double().numpy(), up, down, pad, 1.7)
     assert out.shape == ref.shape
-    np.testing.assert_allclose(out.numpy(), ref, atol=1e-5)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=0, atol=1e-5)  # float32 vs float64 loops: measured 9.0e-7
 
 
 def test_upfirdn2d_negative_padding_crops():
@@ -81,10 +82,10 @@ def test_upsample_downsample_shapes_and_dc_gain():
     x = torch.ones(1, 3, 8, 8)
     up = upsample2d(x, f)
     assert up.shape == (1, 3, 16, 16)
-    assert torch.allclose(up[:, :, 2:-2, 2:-2], torch.ones(1, 3, 12, 12), atol=1e-6)
+    assert torch.allclose(up[:, :, 2:-2, 2:-2], torch.ones(1, 3, 12, 12), rtol=0, atol=1e-6)  # measured 0
     down = downsample2d(x, f)
     assert down.shape == (1, 3, 4, 4)
-    assert torch.allclose(down[:, :, 1:-1, 1:-1], torch.ones(1, 3, 2, 2), atol=1e-6)
+    assert torch.allclose(down[:, :, 1:-1, 1:-1], torch.ones(1, 3, 2, 2), rtol=0, atol=1e-6)  # measured 0
 
 
 @pytest.mark.parametrize("groups", [1, 2])
@@ -99,17 +100,17 @@ def test_conv2d_resample_up_equals_generic(groups):
     # generic: padding 1 + (fw+up-1)//2 = 3 before, 1 + (fw-up)//2 = 2 after; flip_weight=False → true convolution
     ref = F.conv2d(upfirdn2d(x, f, up=2, padding=[3, 2, 3, 2], gain=4), w.flip([2, 3]), groups=groups)
     assert out.shape == (2, 6, 10, 12)
-    assert torch.allclose(out, ref, atol=1e-5)
+    assert torch.allclose(out, ref, rtol=0, atol=2.5e-5)  # |out| ≤ 9.5; measured 2.4e-6
 
 
 def test_conv2d_resample_plain_and_1x1_down():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, 3, 8, 8, generator=g)
     w = torch.randn(5, 3, 3, 3, generator=g)
-    assert torch.allclose(conv2d_resample(x, w, padding=1), F.conv2d(x, w, padding=1), atol=1e-6)
+    assert torch.allclose(conv2d_resample(x, w, padding=1), F.conv2d(x, w, padding=1), rtol=0, atol=1e-6)  # measured 0
     w1 = torch.randn(5, 3, 1, 1, generator=g)
     f = setup_filter([1, 3, 3, 1])
     out = conv2d_resample(x, w1, f=f, down=2)
-    assert torch.allclose(out, F.conv2d(downsample2d(x, f), w1), atol=1e-5)
+    assert torch.allclose(out, F.conv2d(downsample2d(x, f), w1), rtol=0, atol=1e-6)  # measured 0
     with pytest.raises(ValueError):
         conv2d_resample(x, w, up=2)

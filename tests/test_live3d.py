@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import read_key_list
-from encoder_parity import load_parity_outputs, IMAGE_SIZE, hashed_state_dict, pattern_image, relative_error
+from encoder_parity import IMAGE_SIZE, hashed_state_dict, pattern_image, relative_error
 from models.live3d.aspp import DeepLabV3Decoder
 from models.live3d.encoder import Live3DConfig, Live3DEncoder, append_coordinates
 from models.live3d.mix_transformer import Attention, Block, OverlapPatchEmbed
@@ -15,21 +15,19 @@ from utils.config import from_dict, to_dict
 from utils.errors import ConfigError
 
 MODES = ("LT", "Normal")
+# max |ours − original| / max |original|, ~10× the largest measured:
+PARITY_TOL = 3e-5  # measured LT 3.1e-6 (1.7e-6 in the fixture's README), Normal 3.3e-6 (3.2e-6)
 
 
 def _keys(keys_dir, mode):
     return read_key_list(keys_dir / f"live3d_{mode}_encoder_state_dict.tsv")
 
 
-@pytest.fixture(scope="module")
-def fixture_outputs():
-    return load_parity_outputs()
-
-
 @pytest.mark.parametrize("mode", MODES)
-def test_full_size_state_dict_matches_original_and_parity(mode, keys_dir, fixture_outputs):
+def test_full_size_state_dict_matches_original_and_parity(mode, keys_dir, request):
     """Keys, shapes and order equal the original checkpoint; a state dict built from the key list loads
-    strictly and the triplane matches the original code's within 1e-4 relative."""
+    strictly and the triplane matches the original code's (the encoder parity fixture; without it the
+    keys are still checked, then the test skips, or fails under CI=true)."""
     expected = _keys(keys_dir, mode)
     assert len(expected) == (170 if mode == "LT" else 210)
     torch.manual_seed(0)
@@ -41,9 +39,9 @@ def test_full_size_state_dict_matches_original_and_parity(mode, keys_dir, fixtur
     with torch.no_grad():
         out = model(pattern_image(1, IMAGE_SIZE))
     assert out.shape == (1, 96, IMAGE_SIZE // 2, IMAGE_SIZE // 2)
-    if fixture_outputs is None:
-        pytest.skip("encoder parity fixture not available (set THREEDPE_ENCODER_PARITY); keys checked above")
-    assert relative_error(out[:, :, ::2, ::2], fixture_outputs[mode]) < 1e-4
+    err = relative_error(out[:, :, ::2, ::2], request.getfixturevalue("encoder_parity_outputs")[mode])
+    print(f"{mode} encoder vs original: relative error {err:.3g}")
+    assert err < PARITY_TOL
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -139,7 +137,7 @@ def test_aspp_pooling_branch_and_rates():
         pooled = dec[0].convs[4](x)
         want = F.relu(dec[0].convs[4][1](x.mean(dim=(2, 3), keepdim=True)))
     assert pooled.shape == (1, 16, 5, 7)
-    assert torch.allclose(pooled, want.expand_as(pooled), atol=1e-6)
+    assert torch.allclose(pooled, want.expand_as(pooled), rtol=0, atol=6e-7)  # measured 6.0e-8
     assert dec(x).shape == (1, 16, 5, 7)
 
 
@@ -161,7 +159,7 @@ def test_mix_attention_equals_explicit_softmax(sr_ratio):
         k, v = attn.kv(src).reshape(2, -1, 2, 2, 8).permute(2, 0, 3, 1, 4)
         a = torch.softmax(q @ k.transpose(-2, -1) * 8 ** -0.5, dim=-1)
         want = attn.proj((a @ v).transpose(1, 2).reshape(2, h * w, 16))
-    assert torch.allclose(out, want, atol=1e-5)
+    assert torch.allclose(out, want, rtol=0, atol=3.5e-6)  # measured 3.6e-7
 
 
 def test_block_and_patch_embed_conventions():

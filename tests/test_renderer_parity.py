@@ -11,8 +11,13 @@ import torch
 from models.eg3d.config import RendererConfig
 from models.eg3d.triplane_renderer import TriplaneRenderer
 
-TOL = 1e-3
-KEYS = ("image", "image_raw", "image_depth")
+# max |ours − original| bounds, ~10× the largest measured on CPU fp32 (1 and 2 threads, single and batched):
+TOL = {
+    "image": 1.3e-4,  # measured 1.29e-5 (view 2)
+    "image_raw": 9e-5,  # measured 8.58e-6 (view 1)
+    "image_depth": 3.5e-5,  # measured 3.34e-6 (view 1)
+}
+KEYS = tuple(TOL)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +36,7 @@ def _check(out: dict, views: list[dict], label: str) -> None:
         diffs = {k: (out[k][i:i + 1] - ref[k]).abs().max().item() for k in KEYS}
         print(f"{label} view {i}: " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))
         for k, v in diffs.items():
-            assert v <= TOL, f"{label} view {i} {k}: max abs diff {v}"
+            assert v <= TOL[k], f"{label} view {i} {k}: max abs diff {v} > {TOL[k]}"
 
 
 def test_fixture_loads_strict_and_shapes(fixture_data):
