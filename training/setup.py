@@ -281,6 +281,29 @@ def resume_target(cfg: TrainConfig, ckpt_root: Path) -> Path | None:
     return None
 
 
+def agreed_resume_target(cfg: TrainConfig, ckpt_root: Path) -> Path | None:
+    """`resume_target` on every rank, checked to be the same checkpoint (call on all ranks).
+
+    Each rank resolves the resume on its own filesystem. Ranks that find different checkpoints (or where
+    one finds none or fails) would train from different states and stop at different steps, so every rank
+    raises the same ConfigError instead: all nodes must see the run folder at the same path.
+    """
+    target: Path | None = None
+    try:
+        target = resume_target(cfg, ckpt_root)
+        mine: tuple[str | None, str | None] = (None if target is None else str(target), None)
+    except ConfigError as e:
+        mine = (None, str(e))
+    seen = du.all_gather_object(mine)
+    if len(seen) == 1 or all(s == seen[0] for s in seen):
+        if mine[1] is not None:
+            raise ConfigError(mine[1])
+        return target
+    found = ", ".join(f"rank {r}: {path or err or 'no checkpoint'}" for r, (path, err) in enumerate(seen))
+    raise ConfigError(f"resume: the ranks see different checkpoints ({found}); every node must see the run "
+                      f"folder {ckpt_root.parent} at the same path (a shared filesystem)")
+
+
 def build_training(cfg: TrainConfig, train_set: Dataset | None = None,
                    val_set: Dataset | None = None) -> TrainingSetup:
     """Build (or resume) everything; `train_set`/`val_set` replace the config's data (customize uses this)."""
@@ -290,7 +313,7 @@ def build_training(cfg: TrainConfig, train_set: Dataset | None = None,
     device = info.device
     run_dir = Path(cfg.exp_dir) / cfg.name
     ckpt_root = run_dir / "checkpoints"
-    resume_dir = resume_target(cfg, ckpt_root)  # decided before anything random happens
+    resume_dir = agreed_resume_target(cfg, ckpt_root)  # decided before anything random happens
 
     # ---- networks: built from the same seed on every rank, then each rank gets its own stream
     torch.manual_seed(cfg.seed)
