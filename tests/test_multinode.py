@@ -128,7 +128,7 @@ def two_nodes(tmp_path_factory):
     one = tmp / "one_node"
     proc = subprocess.run([sys.executable, str(ROOT / "train_scripts.py"), "train", *RUN, f"data.train_root={data}",
                            f"exp_dir={one}", "--nproc", "2"], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+                          capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {"tmp": tmp, "data": data, "driver": driver, "exps": exps, "ranks": ranks, "one_node": one / "mn"}
 
@@ -162,8 +162,8 @@ def test_two_nodes_stay_in_sync_and_match_one_node(two_nodes):
     assert all(torch.equal(two[k], one[k]) for k in two)
     assert all(torch.equal(two[k], r0["student"][k].cpu()) for k in r0["student"])
     # and training moved the weights, so the equalities above are not those of untouched initial weights
-    from training.setup import build_networks
     from tests.test_training import tiny_config
+    from training.setup import build_networks
 
     cfg = tiny_config(two_nodes["data"], two_nodes["tmp"] / "unused", "mn")
     torch.manual_seed(cfg.seed)
