@@ -143,7 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     from utils.errors import ThreeDPEError, report_user_error
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may come anywhere, also after an option such as `--nproc 2` (argparse alone would reject them).
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = list(args.overrides) + extra
     try:
         return _run(args, argv)
     except ThreeDPEError as e:

@@ -131,3 +131,17 @@ def test_malformed_yaml_is_one_line(tmp_path: Path):
         assert "Traceback" not in proc.stderr
         lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
         assert len(lines) == 1 and ("bad.yaml" in lines[0] or "name=[x" in lines[0]), proc.stderr
+
+
+def test_overrides_after_nproc_are_accepted():
+    """`--nproc 2 key=value` (overrides after an option with a value) parses; a stray word is still an error."""
+    import train_scripts
+
+    parser = train_scripts._parser()
+    args, extra = parser.parse_known_args(["train", "--config", str(TRAIN_TINY), "--nproc", "2", "seed=3"])
+    assert args.nproc == 2 and list(args.overrides) + extra == ["seed=3"]
+    try:
+        rc = train_scripts.main(["train", "--config", str(TRAIN_TINY), "--nproc", "2", "oops"])
+    except SystemExit as e:
+        rc = e.code
+    assert rc == 2
