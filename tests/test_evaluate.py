@@ -11,7 +11,6 @@ from PIL import Image
 
 from models.arcface import IdentityEncoder, IRSE50, load_ir_se50
 from pipelines.editor import PortraitEditor
-from tools import evaluate as evaluate_module
 from utils.errors import MissingWeightsError
 from tools.evaluate import (NOT_APPLICABLE, UNAVAILABLE, EditSample, Evaluator, load_results_folder, main,
                             to_markdown)

@@ -90,7 +90,7 @@ def editor_argv(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def editor_from_args(args: argparse.Namespace, needs_text: bool) -> "PortraitEditor":
+def editor_from_args(args: argparse.Namespace, needs_text: bool) -> PortraitEditor:
     """The `PortraitEditor` the shared options describe: random weights (--random-init) or a checkpoint.
 
     Seeds torch with --seed first, so random weights and anything random afterwards repeat. `needs_text`:

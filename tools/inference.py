@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Multi-view 3D-aware portrait edits (3DPE) or reconstructions (Live3D) for a folder of portraits.
 
     python test_scripts.py                                   # pretrained_models/3dpe.pt on test_imgs/ → results/
@@ -14,9 +13,10 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from tools.editor_options import add_editor_arguments, editor_from_args
 
@@ -151,7 +151,7 @@ class _EditClock:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
 
-    def __enter__(self) -> "_EditClock":
+    def __enter__(self) -> _EditClock:
         self._sync()
         self._t0 = time.perf_counter()
         return self
