@@ -3,7 +3,7 @@
 Orchestration only: the layers live in `models/eg3d`, `models/live3d`, `models/editing`.
 
     editor = PortraitEditor.from_pretrained("pretrained_models/3dpe.pt")
-    prompt = editor.encode_prompt(reference=ref)            # computed once, reused for every input
+    prompt = editor.prompt(reference=ref)                   # computed once, reused for every input
     planes = editor.edit(images, prompt)                    # N×96×256×256
     views = editor.render(planes[:1], original_test_cameras())   # image V×3×512², depth V×1×128²
 """
@@ -18,8 +18,13 @@ import torch
 from torch import nn
 
 from utils.device import resolve_device
+from utils.errors import ThreeDPEError
 
 PRECISIONS = ("fp32", "bf16")
+
+
+class NotAnEditorCheckpointError(ThreeDPEError, ValueError):
+    """The checkpoint loads but holds no encoder + renderer pair (e.g. a discriminator or generator alone)."""
 
 
 @dataclass
@@ -84,8 +89,8 @@ class PortraitEditor:
         ckpt = load_checkpoint(path)
         models = build_models(ckpt)
         if "encoder" not in models or "renderer" not in models:
-            raise ValueError(
-                f"{path}: a {ckpt.format} checkpoint has no encoder+renderer; test_scripts.py needs "
+            raise NotAnEditorCheckpointError(
+                f"{path}: a {ckpt.format} checkpoint has no encoder+renderer; the editing tools need "
                 "3dpe.pt, a Live3D checkpoint, or a project checkpoint with both."
             )
         return cls(models["encoder"], models["renderer"], device=device, precision=precision,
@@ -101,6 +106,7 @@ class PortraitEditor:
         prompt_encoder: str = "mae",
         device: str | torch.device | None = None,
         precision: str = "fp32",
+        channels_last: bool = False,
         text_bridge: Any | None = None,
     ) -> "PortraitEditor":
         """Random weights (full size, or `tiny` for tests): checks an install without any weight file."""
@@ -121,8 +127,8 @@ class PortraitEditor:
             encoder = Live3DEncoder(Live3DConfig.tiny("LT") if tiny else Live3DConfig())
         else:
             raise ValueError(f"kind must be 'edit' or 'reconstruct', got {kind!r}")
-        return cls(encoder, renderer, device=device, precision=precision, text_bridge=text_bridge,
-                   source="random-init" + ("-tiny" if tiny else ""))
+        return cls(encoder, renderer, device=device, precision=precision, channels_last=channels_last,
+                   text_bridge=text_bridge, source="random-init" + ("-tiny" if tiny else ""))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -151,39 +157,58 @@ class PortraitEditor:
         return x.to(self.device, torch.float32)
 
     # ------------------------------------------------------------------ prompts
+    def prompt_is_per_input(self, text: str | None = None) -> bool:
+        """Whether a prompt with this `text` gives a different embedding for every input image.
+
+        True for a text with a MAE checkpoint (3dpe.pt): the InstructPix2Pix bridge edits each input in 2D
+        and that edit is the reference, so the embedding cannot be reused. A reference image or a CLIP
+        text gives one embedding that serves every input (compute it once).
+        """
+        return text is not None and self.is_editing and self.prompt_encoder_kind != "clip"
+
     @torch.inference_mode()
-    def encode_prompt(
+    def prompt(
         self,
+        image: torch.Tensor | None = None,
         reference: torch.Tensor | None = None,
         text: str | None = None,
-        image: torch.Tensor | None = None,
         image_weight: float = 0.5,
     ) -> PromptEmbedding:
-        """Encode a reference image (1×3×512² in [-1,1]) and/or a text into prompt tokens.
+        """The prompt embedding of an edit: the one place that decides how a prompt is encoded.
 
-        A text with a MAE checkpoint goes through the InstructPix2Pix bridge: `image` (the input
-        portrait) is edited in 2D by the instruction and used as the reference.
+        image: the input portrait N×3×R×R in [-1,1] (only used by the InstructPix2Pix bridge);
+        reference: 1×3×R×R in [-1,1] (R = `input_resolution`); text: an instruction or a caption.
+
+        =================  ===========================================  ===============================
+        prompt             MAE checkpoint (3dpe.pt)                     CLIP checkpoint
+        =================  ===========================================  ===============================
+        reference          image tokens                                 image tokens
+        text               the bridge edits `image` in 2D by the        CLIP text tokens
+                           instruction; the edit is the reference
+        reference + text   the text, as above (one prompt per model)    both, mixed by `image_weight`
+        =================  ===========================================  ===============================
+
+        Only the MAE text row depends on `image` (`prompt_is_per_input`); every other embedding can be
+        computed once and passed to `edit` for every input. `PromptEmbedding.reference` is the image the
+        tokens came from (the 2D edit for the bridge, None for a CLIP text alone).
         """
         if not self.is_editing:
             raise ValueError("this checkpoint reconstructs (Live3D); it takes no prompt")
         if reference is None and text is None:
             raise ValueError("give a reference image or a text prompt")
-        kind = self.prompt_encoder_kind
-        if text is not None and kind != "clip":
-            if reference is not None:
-                raise ValueError("a MAE checkpoint takes one prompt: a reference image or a text")
+        if self.prompt_is_per_input(text):
             if self.text_bridge is None:
                 raise ValueError(
                     "this checkpoint's prompt encoder is MAE (image prompts only); text prompts need the "
-                    "InstructPix2Pix bridge (test_scripts.py sets it up; see docs/prompts.md)"
+                    "InstructPix2Pix bridge (the tools set it up; see docs/prompts.md)"
                 )
             if image is None:
                 raise ValueError("the InstructPix2Pix bridge needs the input image to edit")
-            reference = self.text_bridge(self._to(image), [text] * image.shape[0]).to(self.device)
-            emb = self.encode_prompt(reference=reference)
-            return PromptEmbedding(emb.tokens, emb.bias, reference=reference, text=text)
+            edited = self.text_bridge(self._to(image), [text] * image.shape[0]).to(self.device)
+            emb = self.prompt(reference=edited)
+            return PromptEmbedding(emb.tokens, emb.bias, reference=edited, text=text)
         with self._autocast():
-            if kind == "clip" and text is not None and reference is not None:
+            if text is not None and reference is not None:
                 tokens, bias = self.encoder.encode_prompt(reference=self._to(reference), text=[text],
                                                           image_weight=image_weight)
             elif text is not None:
@@ -193,6 +218,16 @@ class PortraitEditor:
         tokens = tokens.float()
         return PromptEmbedding(tokens, None if bias is None else bias.float(),
                                reference=None if reference is None else self._to(reference), text=text)
+
+    def encode_prompt(
+        self,
+        reference: torch.Tensor | None = None,
+        text: str | None = None,
+        image: torch.Tensor | None = None,
+        image_weight: float = 0.5,
+    ) -> PromptEmbedding:
+        """Same as `prompt` (the earlier name, kept for existing code)."""
+        return self.prompt(image=image, reference=reference, text=text, image_weight=image_weight)
 
     # ------------------------------------------------------------------ encode
     @torch.inference_mode()
@@ -205,7 +240,7 @@ class PortraitEditor:
         if not self.is_editing:
             raise ValueError("this checkpoint reconstructs (Live3D); call reconstruct()")
         if isinstance(prompt, torch.Tensor):
-            prompt = self.encode_prompt(reference=prompt)
+            prompt = self.prompt(reference=prompt)
         with self._autocast():
             planes = self.encoder(self._to(images), prompt.tokens, prompt.bias)
         return planes.float()

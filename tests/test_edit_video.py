@@ -140,13 +140,13 @@ def test_prompt_computed_once_through_bridge(detector, tmp_path: Path):
 
     ed = PortraitEditor.random_init(tiny=True, seed=0, device="cpu", text_bridge=bridge)
     encodes = []
-    original = ed.encode_prompt
+    original = ed.prompt
 
     def counting(*a, **k):
         encodes.append(k.get("text"))
         return original(*a, **k)
 
-    ed.encode_prompt = counting
+    ed.prompt = counting
     prompt = ev.build_prompt(ed, None, "make it bronze", size=CROP)
     assert callable(prompt) and not encodes  # nothing computed before the first face
     cfg = ev.VideoEditConfig(batch_size=2, input_size=CROP)

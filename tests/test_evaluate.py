@@ -11,7 +11,6 @@ from PIL import Image
 
 from models.arcface import IdentityEncoder, IRSE50, load_ir_se50
 from pipelines.editor import PortraitEditor
-from tools import evaluate as evaluate_module
 from utils.errors import MissingWeightsError
 from tools.evaluate import (NOT_APPLICABLE, UNAVAILABLE, EditSample, Evaluator, load_results_folder, main,
                             to_markdown)
@@ -163,11 +162,11 @@ def test_runtime_per_edit_is_the_median_edit_time(tiny_checkpoint: Path, tmp_pat
     PNG writing (10 s) must not count; encode prompt (0.5 s) + edit (1 s) + render (0.25 s) must."""
     from types import SimpleNamespace
 
-    import test_scripts
     import utils.image_io
+    from tools import inference
 
     clock = {"t": 0.0}
-    monkeypatch.setattr(evaluate_module, "time", SimpleNamespace(perf_counter=lambda: clock["t"]))
+    monkeypatch.setattr(inference, "time", SimpleNamespace(perf_counter=lambda: clock["t"]))
 
     def advancing(fn, seconds):
         def wrapped(*a, **k):
@@ -177,9 +176,9 @@ def test_runtime_per_edit_is_the_median_edit_time(tiny_checkpoint: Path, tmp_pat
 
     load = PortraitEditor.from_pretrained
     monkeypatch.setattr(PortraitEditor, "from_pretrained", classmethod(lambda cls, *a, **k: advancing(load, 100)(*a, **k)))
-    for name, sec in (("encode_prompt", 0.5), ("edit", 1.0), ("render", 0.25)):
+    for name, sec in (("prompt", 0.5), ("edit", 1.0), ("render", 0.25)):
         monkeypatch.setattr(PortraitEditor, name, advancing(getattr(PortraitEditor, name), sec))
-    monkeypatch.setattr(test_scripts._Runner, "_load", advancing(test_scripts._Runner._load, 7))
+    monkeypatch.setattr(utils.image_io, "load_image", advancing(utils.image_io.load_image, 7))
     monkeypatch.setattr(utils.image_io, "save_png", advancing(utils.image_io.save_png, 10))
 
     assert _eval_cli(tmp_path, tiny_checkpoint, _eval_data(tmp_path / "data")) == 0
@@ -221,15 +220,28 @@ def test_failed_inference_is_reported_and_exits_nonzero(tiny_checkpoint: Path, t
 
 
 def test_crashed_inference_is_a_failure(tmp_path: Path, monkeypatch):
-    import test_scripts
+    from tools import inference
 
-    def crash(argv):
+    def crash(args):
         raise RuntimeError("CUDA error: out of memory")
 
-    monkeypatch.setattr(test_scripts, "main", crash)
+    monkeypatch.setattr(inference, "run_inference", crash)
     rc = main(["--results", str(tmp_path / "res"), "--data-dir", str(tmp_path), "--checkpoint", "x.pt"])
     assert rc == 1
     result = json.loads((tmp_path / "res" / "metrics.json").read_text())
     assert result["inference"] == {"status": "failed", "exit_code": 1, "error": "RuntimeError: CUDA error: out of memory",
                                    "errors": []}
     assert result["count"] == 0
+
+
+def test_editor_options_are_passed_on_to_the_inference(tmp_path: Path):
+    """evaluate's own --random-init/--random-init-kind/--tiny reach the inference run (no --inference-args needed)."""
+    res = tmp_path / "res"
+    rc = main(["--results", str(res), "--data-dir", str(_eval_data(tmp_path / "data", n=2)), "--random-init", "--tiny",
+               "--random-init-kind", "reconstruct", "--device", "cpu", "--clip-weights", str(tmp_path / "x.bin"),
+               "--id-weights", str(tmp_path / "x.pth"), "--lpips-dir", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((res / "metrics.json").read_text())
+    assert result["inference"]["status"] == "ok" and result["count"] == 2 and result["runtime_inputs_timed"] == 2
+    strip = Image.open(res / "p0_mv.png")
+    assert strip.size[0] == 4 * strip.size[1]  # a reconstruction: input | 3 views, no reference tile

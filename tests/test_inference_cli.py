@@ -262,3 +262,21 @@ def test_cli_text_prompt_through_instruct_pix2pix_bridge(data_dir: Path, tmp_pat
     side = Image.open(out / "alice_view0.png").size[1]
     assert Image.open(out / "alice_mv.png").size == (5 * side, side)  # input | 2D-edited input | 3 views
     assert (out / "bob_prompt.txt").read_text().strip() == "make it bronze"
+
+
+def test_run_inference_reports_what_it_did(tmp_path: Path):
+    """The report (what tools/evaluate.py reads): inputs written with their edit seconds, and inputs skipped."""
+    from tools.inference import parse_args, run_inference
+
+    d = tmp_path / "imgs"
+    (d / "input").mkdir(parents=True)
+    (d / "ref").mkdir()
+    _portrait(0).save(d / "input" / "a.png")
+    _portrait(1).save(d / "input" / "b.png")
+    _portrait(2).save(d / "ref" / "a.png")  # b has no reference: skipped
+    report = run_inference(parse_args(["--random-init", "--tiny", "--device", "cpu", "--data-dir", str(d),
+                                       "--output-dir", str(tmp_path / "out")]))
+    assert report.written == ["a"] and list(report.seconds) == ["a"] and report.seconds["a"] > 0
+    assert len(report.skipped) == 1 and "b.png" in report.skipped[0] and report.failed == []
+    assert report.exit_code == 1
+    assert (tmp_path / "out" / "a_mv.png").is_file() and not (tmp_path / "out" / "b_mv.png").exists()

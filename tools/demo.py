@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tools.editor_options import add_editor_arguments, editor_from_args
+
 GRADIO_MISSING = (
     "The demo needs Gradio, an optional dependency: pip install gradio\n"
     "(everything else in the project works without it; DemoSession in tools/demo.py is usable directly)."
 )
-DEFAULT_CHECKPOINT = "pretrained_models/3dpe.pt"
 
 
 def import_gradio() -> Any:
@@ -189,17 +190,9 @@ class DemoSession:
         if ed.is_editing:
             if self._prompt_key is None:
                 raise ValueError("set a reference image or a text prompt first")
-            # A text prompt through InstructPix2Pix (MAE checkpoints) depends on the portrait.
-            bridged = self.text is not None and ed.prompt_encoder_kind != "clip"
-            if self._embedding is None or bridged:
-                if bridged:
-                    self._embedding = ed.encode_prompt(text=self.text, image=self.portrait)
-                elif ed.prompt_encoder_kind == "clip" and self.text is not None and self.reference is not None:
-                    self._embedding = ed.encode_prompt(reference=self.reference, text=self.text)
-                elif self.text is not None:
-                    self._embedding = ed.encode_prompt(text=self.text)
-                else:
-                    self._embedding = ed.encode_prompt(reference=self.reference)
+            # An embedding that depends on the portrait (text through InstructPix2Pix) is remade for it.
+            if self._embedding is None or ed.prompt_is_per_input(self.text):
+                self._embedding = ed.prompt(image=self.portrait, reference=self.reference, text=self.text)
             ref = getattr(self._embedding, "reference", None)
             if ref is not None:
                 from utils.image_io import to_pil
@@ -331,21 +324,10 @@ def launch(app: Any, port: int | None = None, share: bool = False, block: bool =
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="3dpe.pt, a Live3D .pt, a project checkpoint dir or a Hub id ORG/NAME")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when present)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also create a public Gradio link (off by default)")
     p.add_argument("--orbit-frames", type=int, default=48)
-    p.add_argument("--random-init", action="store_true", help="random weights (the UI works, pictures are noise)")
-    p.add_argument("--prompt-encoder", choices=["mae", "clip"], default="mae", help="with --random-init")
-    p.add_argument("--tiny", action="store_true", help="with --random-init: tiny models")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ip2p-model", default="timbrooks/instruct-pix2pix",
-                   help="InstructPix2Pix model for text prompts with a MAE checkpoint")
-    p.add_argument("--ip2p-steps", type=int, default=20)
-    p.add_argument("--ip2p-guidance", type=float, default=7.5)
-    p.add_argument("--ip2p-image-guidance", type=float, default=1.5)
+    add_editor_arguments(p)
     return p.parse_args(argv)
 
 
@@ -356,30 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from models.hub import is_local_or_hub
-    from utils.errors import ThreeDPEError
-    from pipelines.editor import PortraitEditor
-    from utils.device import resolve_device
-    from pipelines.instruct_pix2pix import bridge_from_args
+    from utils.errors import ThreeDPEError, report_user_error
 
-    device = resolve_device(args.device)
-    bridge = bridge_from_args(args, device)
-    if args.random_init:
-        editor = PortraitEditor.random_init(tiny=args.tiny, seed=args.seed, prompt_encoder=args.prompt_encoder,
-                                            device=device, precision=args.precision, text_bridge=bridge)
-        print("WARNING: --random-init: random weights, the pictures are noise.", file=sys.stderr)
-    else:
-        if not is_local_or_hub(args.checkpoint):
-            print(f"error: checkpoint '{args.checkpoint}' not found. Download 3dpe.pt (README 'Pretrained models') "
-                  "into pretrained_models/ or pass --checkpoint; --random-init tries the UI without weights.",
-                  file=sys.stderr)
-            return 2
-        try:
-            editor = PortraitEditor.from_pretrained(args.checkpoint, device=device, precision=args.precision,
-                                                    text_bridge=bridge)
-        except ThreeDPEError as e:  # e.g. a Hub id that is not cached offline: one line, no traceback
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+    try:
+        editor = editor_from_args(args, needs_text=True)  # the bridge loads on the first text edit, if any
+    except ThreeDPEError as e:  # a missing checkpoint, a Hub id not cached offline: one line, no traceback
+        return report_user_error(e)
     # The temporary folder goes when the app stops: launch returns when the app is closed or on Ctrl-C (Gradio
     # catches it), and the `with` also covers an exception or a Ctrl-C raised outside Gradio's loop.
     try:

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tools.editor_options import add_editor_arguments, editor_from_args
 from utils.face_alignment import CropBox, LandmarkDetector, crop_box, crop_image, estimate_yaw_pitch
 
 CAMERA_MODES = ("frontal", "frame", "fixed", "orbit")
 NO_FACE_MODES = ("hold", "pass")
-DEFAULT_CHECKPOINT = "pretrained_models/3dpe.pt"
 
 
 @dataclass
@@ -471,7 +471,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--ref", default=None, help="reference image (the edit to apply)")
     g.add_argument("--prompt", default=None, help="text prompt (CLIP checkpoints; MAE ones go through InstructPix2Pix)")
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="3dpe.pt, a Live3D .pt, a project checkpoint dir or a Hub id ORG/NAME")
     p.add_argument("--out", required=True, help="output .mp4")
     p.add_argument("--side-by-side", action="store_true", help="write [aligned input | edit]")
     p.add_argument("--camera", choices=CAMERA_MODES, default="frontal")
@@ -484,21 +483,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-frames", type=int, default=None)
     p.add_argument("--input-size", type=int, default=None, help="aligned crop side (default: the encoder's, 512)")
     p.add_argument("--min-confidence", type=float, default=0.9, help="face detector threshold")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="on an error, also print the details (ffmpeg's own output for an unreadable video)")
-    p.add_argument("--random-init", action="store_true", help="random weights: checks the pipeline, output is noise")
-    p.add_argument("--random-init-kind", choices=["edit", "reconstruct"], default="edit")
-    p.add_argument("--prompt-encoder", choices=["mae", "clip"], default="mae", help="with --random-init")
-    p.add_argument("--tiny", action="store_true", help="with --random-init: tiny models (smoke tests)")
-    b = p.add_argument_group("InstructPix2Pix bridge (--prompt with a MAE checkpoint such as 3dpe.pt)")
-    b.add_argument("--ip2p-model", default="timbrooks/instruct-pix2pix")
-    b.add_argument("--ip2p-steps", type=int, default=20)
-    b.add_argument("--ip2p-guidance", type=float, default=7.5)
-    b.add_argument("--ip2p-image-guidance", type=float, default=1.5)
+    add_editor_arguments(p)
     return p.parse_args(argv)
 
 
@@ -521,20 +509,16 @@ def build_prompt(editor: Any, ref: str | Path | None, text: str | None, size: in
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img = prepare_portrait(load_image(ref), size or editor.input_resolution, name=str(ref))
-        return editor.encode_prompt(reference=pil_to_tensor(img))
-    if editor.prompt_encoder_kind == "clip":
-        return editor.encode_prompt(text=text)
-    return lambda first_face: editor.encode_prompt(text=text, image=first_face)
+        return editor.prompt(reference=pil_to_tensor(img))
+    if editor.prompt_is_per_input(text):  # the bridge edits the first aligned face; that edit serves every frame
+        return lambda first_face: editor.prompt(image=first_face, text=text)
+    return editor.prompt(text=text)
 
 
 def run(argv: list[str] | None = None) -> dict:
     """Run the CLI; print and return the summary dict (`ok` False on a user error, with `error`)."""
     args = parse_args(argv)
-    from models.hub import is_local_or_hub
-    from pipelines.instruct_pix2pix import bridge_from_args
-    from pipelines.editor import PortraitEditor
-    from utils.device import resolve_device
-    from utils.errors import ThreeDPEError
+    from utils.errors import ThreeDPEError, report_user_error
     from utils.face_alignment import MTCNNDetector
     from utils.video import BadVideoError, read_video_meta
 
@@ -549,28 +533,18 @@ def run(argv: list[str] | None = None) -> dict:
         read_video_meta(args.video, count=False)
     except BadVideoError as e:
         return fail(str(e), e.details)
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
-    bridge = bridge_from_args(args, device) if args.prompt is not None else None
     try:
-        if args.random_init:
-            editor = PortraitEditor.random_init(kind=args.random_init_kind, tiny=args.tiny, seed=args.seed,
-                                                prompt_encoder=args.prompt_encoder, device=device,
-                                                precision=args.precision, text_bridge=bridge)
-            print("WARNING: --random-init: random weights, the frames are noise (this only checks the pipeline).",
-                  file=sys.stderr)
-        else:
-            if not is_local_or_hub(args.checkpoint):
-                return fail(f"checkpoint '{args.checkpoint}' not found. Download 3dpe.pt (README 'Pretrained "
-                            "models') into pretrained_models/ or pass --checkpoint; --random-init checks the install.")
-            editor = PortraitEditor.from_pretrained(args.checkpoint, device=device, precision=args.precision,
-                                                    text_bridge=bridge)
+        editor = editor_from_args(args, needs_text=args.prompt is not None)
+    except ThreeDPEError as e:  # a missing checkpoint, a Hub id not cached offline: one line, exit status 2
+        report_user_error(e)
+        return {"ok": False, "error": str(e), "output": args.out, "exit_code": 2}
+    try:
         prompt = build_prompt(editor, args.ref, args.prompt, args.input_size)
         cfg = VideoEditConfig(camera=args.camera, yaw=args.yaw, pitch=args.pitch, orbit_frames=args.orbit_frames,
                               batch_size=args.batch_size, smooth_radius=args.smooth_radius, no_face=args.no_face,
                               side_by_side=args.side_by_side, max_frames=args.max_frames,
                               input_size=args.input_size)
-        detector = MTCNNDetector(device=device, min_confidence=args.min_confidence)
+        detector = MTCNNDetector(device=editor.device, min_confidence=args.min_confidence)
         summary = edit_video(args.video, args.out, editor, prompt, detector, cfg,
                              progress=not args.no_progress).to_dict()
     except (ThreeDPEError, ValueError, OSError) as e:
@@ -580,8 +554,10 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command: 0 when the edited video was written, 1 otherwise (the reason is one line on stderr)."""
-    return 0 if run(argv).get("ok") else 1
+    """The command: 0 when the edited video was written, 2 when the checkpoint cannot be had, 1 otherwise (the
+    reason is one line on stderr)."""
+    summary = run(argv)
+    return 0 if summary.get("ok") else summary.get("exit_code", 1)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,13 @@ import re
 import shlex
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from tools.editor_options import add_editor_arguments, editor_argv
 from utils.atomic import atomic_write_text
 from utils.errors import MissingWeightsError
 
@@ -53,7 +53,7 @@ class EditSample:
     prompt: str | None = None
     source_caption: str = DEFAULT_SOURCE_CAPTION
     target_caption: str | None = None
-    seconds: float | None = None  # encode prompt + edit + render of this input (see `run_inference`)
+    seconds: float | None = None  # encode prompt + edit + render of this input (see `run_timed_inference`)
 
     def applicable(self) -> dict[str, bool]:
         """Which metrics apply: directional needs a prompt or a reference, image-text a text, multi-view ≥ 2 views."""
@@ -204,42 +204,10 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + f"\n\n{result['count']} edits.\n"
 
 
-class _TimedEditor:
-    """Forwards everything to `editor`; the time spent in encode_prompt / edit / reconstruct / render calls
-    (CUDA work included: synchronised before and after) accumulates in `elapsed` seconds."""
-
-    TIMED = ("encode_prompt", "edit", "reconstruct", "render")
-
-    def __init__(self, editor: Any):
-        self._editor = editor
-        self.elapsed = 0.0
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._editor, name)
-        if name not in self.TIMED:
-            return attr
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            _cuda_sync()
-            t0 = time.perf_counter()
-            try:
-                return attr(*args, **kwargs)
-            finally:
-                _cuda_sync()
-                self.elapsed += time.perf_counter() - t0
-
-        return timed
-
-
-def _cuda_sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
 @dataclass
 class InferenceRun:
-    """Outcome of `run_inference`: exit status of test_scripts.py, per-input edit seconds (stem → s) and the
-    failure (None on success) with the per-input error messages."""
+    """Outcome of `run_timed_inference`: exit status of the inference run, per-input edit seconds (stem → s) and
+    the failure (None on success) with the per-input messages (failed or skipped inputs)."""
 
     exit_code: int
     seconds: dict[str, float] = field(default_factory=dict)
@@ -257,52 +225,30 @@ class InferenceRun:
         return d
 
 
-def run_inference(argv: list[str]) -> InferenceRun:
-    """Run `test_scripts.main(argv)` in this process and time each input's edit.
+def run_timed_inference(argv: list[str]) -> InferenceRun:
+    """Run the inference command (tools/inference.py, what test_scripts.py runs) with `argv` in this process.
 
-    The time of an input is what its encode_prompt, edit (or reconstruct) and render calls take, with CUDA
-    synchronised: model loading, reading/aligning images and writing files are not included. A batch's prompt
-    encoding and edit are shared evenly by its inputs; a prompt shared by several inputs is encoded once (so the
-    first input of a style carries it: use the median). A non-zero exit status or an exception is a failed run.
+    Each input's time is the one `tools.inference.run_inference` records: its encode prompt + edit (or
+    reconstruct) + render, CUDA synchronised, without model loading, image reading/aligning or file writing. A
+    non-zero exit status, a user error (missing checkpoint or inputs) or an exception is a failed run.
     """
-    import test_scripts
+    from tools import inference
+    from utils.errors import ThreeDPEError
 
-    run = InferenceRun(exit_code=0)
-    base = test_scripts._Runner
-
-    class TimedRunner(base):  # type: ignore[misc, valid-type]
-        def __init__(self, editor: Any, *args: Any, **kwargs: Any):
-            super().__init__(_TimedEditor(editor), *args, **kwargs)
-            self._write_seconds: dict[str, float] = {}
-
-        def run(self, batch):
-            self.editor.elapsed = 0.0
-            self._write_seconds = {}
-            ok, errors = super().run(batch)
-            run.errors.extend(errors)
-            if self._write_seconds:  # what was not spent rendering a given input is the batch's encode + edit
-                shared = (self.editor.elapsed - sum(self._write_seconds.values())) / len(self._write_seconds)
-                for stem, render in self._write_seconds.items():
-                    run.seconds[stem] = round(shared + render, 6)
-            return ok, errors
-
-        def _write(self, job, *args: Any, **kwargs: Any) -> None:
-            before = self.editor.elapsed  # only the editor's calls are timed, not the file writes
-            super()._write(job, *args, **kwargs)
-            self._write_seconds[job.stem] = self.editor.elapsed - before
-
-    test_scripts._Runner = TimedRunner  # main() builds its runner from this name; restored below
     try:
-        run.exit_code = test_scripts.main(argv)
-        if run.exit_code:
-            run.error = (f"test_scripts.py exited with status {run.exit_code}"
-                         + (f"; {len(run.errors)} input(s) failed" if run.errors else ""))
+        report = inference.run_inference(inference.parse_args(argv))
     except SystemExit as e:  # argparse rejected the arguments (its message is already printed)
-        run.exit_code, run.error = (e.code if isinstance(e.code, int) and e.code else 2), "bad inference arguments"
+        return InferenceRun(exit_code=e.code if isinstance(e.code, int) and e.code else 2,
+                            error="bad inference arguments")
+    except ThreeDPEError as e:  # a user error: its message, on one line
+        return InferenceRun(exit_code=2, error=" ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()))
     except Exception as e:  # a crash is a failed run, reported as such
-        run.exit_code, run.error = 1, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    finally:
-        test_scripts._Runner = base
+        return InferenceRun(exit_code=1, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    run = InferenceRun(exit_code=report.exit_code, seconds=dict(report.seconds),
+                       errors=report.failed + [f"skipped: {msg}" for msg in report.skipped])
+    if not run.ok:
+        run.error = (f"inference exited with status {run.exit_code}"
+                     + (f"; {len(run.errors)} input(s) failed or skipped" if run.errors else ""))
     return run
 
 
@@ -335,25 +281,24 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", required=True, help="output folder of test_scripts.py (written first with --checkpoint)")
     ap.add_argument("--data-dir", default="test_imgs", help="the inputs (input/, ref/) the results were made from")
-    ap.add_argument("--checkpoint", default=None, help="run test_scripts.py with this checkpoint first and time it")
     ap.add_argument("--inference-args", default=None,
                     help="more test_scripts.py options for that run, as one string; runs it even without --checkpoint "
-                         "(write it with '=': --inference-args='--random-init --tiny')")
+                         "(write it with '=': --inference-args='--align --batch-size 2')")
     ap.add_argument("--source-caption", default=DEFAULT_SOURCE_CAPTION)
     ap.add_argument("--target-caption", default=None, help="caption of the edited style (text directional score)")
     ap.add_argument("--frontal-view", type=int, default=None, help="index of the input-view render (default: middle)")
     ap.add_argument("--clip-weights", default=None, help="open_clip checkpoint (default pretrained_models/open_clip_vit_b16.bin)")
     ap.add_argument("--id-weights", default="pretrained_models/model_ir_se50.pth")
     ap.add_argument("--lpips-dir", default="pretrained_models")
-    ap.add_argument("--device", default=None)
+    add_editor_arguments(ap, checkpoint_default=None,
+                         checkpoint_help="run test_scripts.py with this checkpoint (or --random-init) first and time "
+                                         "it; the other editor options below are passed on to that run")
     args = ap.parse_args(argv)
     results, data_dir = Path(args.results), Path(args.data_dir)
     run: InferenceRun | None = None
-    if args.checkpoint or args.inference_args is not None:
-        run = run_inference((["--checkpoint", args.checkpoint] if args.checkpoint else [])
-                            + ["--data-dir", str(data_dir), "--output-dir", str(results)]
-                            + (["--device", args.device] if args.device else [])
-                            + shlex.split(args.inference_args or ""))
+    if args.checkpoint or args.random_init or args.inference_args is not None:
+        run = run_timed_inference(editor_argv(args) + ["--data-dir", str(data_dir), "--output-dir", str(results)]
+                                  + shlex.split(args.inference_args or ""))
         if not run.ok:
             print(f"error: inference failed: {run.error}", file=sys.stderr)
     samples = load_results_folder(results, data_dir, args.source_caption, args.target_caption, args.frontal_view) \
@@ -378,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint and (Path(args.checkpoint) / "config.json").is_file():  # a local project folder: its card
         from models.model_card import update_evaluation
 
-        card = update_evaluation(args.checkpoint, {**result, "data": str(data_dir), "device": args.device})
+        measured = {k: v for k, v in result["mean"].items() if not isinstance(v, str)}  # not N/A or unavailable
+        card = update_evaluation(args.checkpoint, {**result, "mean": measured, "data": str(data_dir),
+                                                   "device": args.device})
         print(f"model card updated: {card}")
     print(report)
     if run is not None and not run.ok:
