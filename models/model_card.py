@@ -325,8 +325,11 @@ def _data_section(data: Mapping[str, Any]) -> str:
 def _set_evaluation(card: dict, evaluation: Mapping[str, Any]) -> None:
     from huggingface_hub import EvalResult, ModelCardData
 
-    means = {k: v for k, v in (evaluation.get("mean") or {}).items() if v is not None}
+    # only measured numbers: "unavailable" / "not applicable" metrics are left out, never written as values
+    means = {k: v for k, v in (evaluation.get("mean") or {}).items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)}
     runtime, device = evaluation.get("runtime_seconds_per_edit"), evaluation.get("device")
+    runtime = runtime if isinstance(runtime, (int, float)) and not isinstance(runtime, bool) else None
     card["metadata"].pop("model-index", None)
     card["sections"].pop("Evaluation", None)
     if not means and runtime is None:
@@ -336,7 +339,7 @@ def _set_evaluation(card: dict, evaluation: Mapping[str, Any]) -> None:
     dataset = (f"{source} ({edits})" if edits else f"{source}") if source else edits or "edits"
     lines = ["| metric | mean |", "|---|---|"] + [f"| {_METRIC_NAMES.get(k, k)} | {v} |" for k, v in means.items()]
     if runtime is not None:  # hardware-dependent: in the text with its device, not in model-index
-        lines.append(f"| seconds per edit (test_scripts.py wall time, loading included"
+        lines.append(f"| seconds per edit (median of encode prompt + edit + render, loading and writing excluded"
                      f"{f', device {device}' if device else ''}) | {runtime} |")
     if means:
         results = [EvalResult(task_type="image-to-3d", dataset_type=Path(str(source or "edits")).name,

@@ -181,3 +181,15 @@ def test_evaluate_puts_its_figures_in_the_card(tmp_path, monkeypatch):
     assert "Base checkpoints" in card["sections"]
     assert no_placeholders(tmp_path / "proj")
     assert_hub_parses(tmp_path / "proj")
+
+
+def test_card_evaluation_leaves_out_strings(tmp_path):
+    """Metrics reported as "unavailable" / "not applicable" never reach the card as values."""
+    from models.model_card import _set_evaluation
+
+    card = {"metadata": {}, "sections": {}, "title": "t"}
+    _set_evaluation(card, {"mean": {"lpips": 0.25, "identity": "unavailable", "clip_direction": "not applicable"},
+                           "runtime_seconds_per_edit": "unavailable", "count": 2, "data": "imgs"})
+    text = card["sections"]["Evaluation"]
+    assert "0.25" in text and "unavailable" not in text and "not applicable" not in text
+    assert "seconds per edit" not in text
