@@ -27,7 +27,7 @@ from utils.errors import HubWeightsError
 LOCAL_ROOTS = ("pretrained_models", "exps")
 #: A repository name ending like this is a local file name (`models/3dpe.pt`), never a Hub id.
 FILE_SUFFIXES = (".pt", ".pth", ".pkl", ".bin", ".safetensors", ".ckpt", ".json", ".yaml", ".yml", ".npz", ".onnx")
-#: What a project-format folder needs (models/checkpoint.py's CONFIG_FILE and WEIGHTS_FILE).
+#: What a project-format folder needs (models/checkpoint/project.py's CONFIG_FILE and WEIGHTS_FILE).
 PROJECT_FILES = ("config.json", "model.safetensors")
 
 _RESOLVED: dict[str, Path] = {}  # spec → what it resolved to in this process (model cards reuse it)

@@ -65,3 +65,25 @@ def read_key_list(path: Path) -> list[tuple[str, tuple[int, ...]]]:
         inner = shape.strip("()")
         rows.append((key, tuple(int(s) for s in inner.split(",") if s)))
     return rows
+
+
+@pytest.fixture
+def tiny_original_architectures(monkeypatch):
+    """3dpe.pt / Live3D files written from tiny models load as tiny models, also through command lines run
+    in-process (`test_scripts.main`, the converter's `main`).
+
+    Those files record no architecture, and the loader assumes the original's (full size); here that
+    assumption becomes the `tiny()` config of the same kind. Calls that can say it pass `configs=` (or the
+    converter's `--config`) instead.
+    """
+    from models.checkpoint import original
+
+    full_size = original.original_config
+
+    def tiny(model_type: str, component: str, fmt: str, sd):
+        cfg = full_size(model_type, component, fmt, sd)
+        if component != "encoder":
+            return type(cfg).tiny()
+        return type(cfg).tiny(cfg.mode if model_type == "live3d" else cfg.prompt_encoder)
+
+    monkeypatch.setattr(original, "original_config", tiny)

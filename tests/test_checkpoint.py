@@ -153,6 +153,14 @@ def run_main(capsys, *args: str) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
+def arch_json(path: Path, **configs) -> Path:
+    """A converter `--config` file: {component: config fields}."""
+    from utils.config import to_dict
+
+    path.write_text(json.dumps({comp: to_dict(cfg) for comp, cfg in configs.items()}))
+    return path
+
+
 def assert_same_sd(a, b) -> None:
     """Same keys, order, shapes and bits: conversion only moves stored tensors (bound 0, measured 0)."""
     assert list(a) == list(b)
@@ -160,17 +168,27 @@ def assert_same_sd(a, b) -> None:
         assert a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
 
 
+def tiny_3dpe_configs() -> dict:
+    """The architecture of `tiny_3dpe` (what its 3dpe.pt does not record)."""
+    from models.discriminator import DiscriminatorConfig
+    from models.editing.editing_encoder import EditingEncoderConfig
+    from models.eg3d.config import RendererConfig
+
+    return {"encoder": EditingEncoderConfig.tiny(), "renderer": RendererConfig.tiny(),
+            "discriminator": DiscriminatorConfig.tiny()}
+
+
 @pytest.fixture(scope="module")
 def tiny_3dpe():
-    from models.discriminator import DiscriminatorConfig, EditingDualDiscriminator
-    from models.editing.editing_encoder import EditingEncoder, EditingEncoderConfig
-    from models.eg3d.config import RendererConfig
+    from models.discriminator import EditingDualDiscriminator
+    from models.editing.editing_encoder import EditingEncoder
     from models.eg3d.triplane_renderer import TriplaneRenderer
 
     torch.manual_seed(0)
-    enc = EditingEncoder(EditingEncoderConfig.tiny()).eval()
-    ren = TriplaneRenderer(RendererConfig.tiny()).eval()
-    disc = EditingDualDiscriminator(DiscriminatorConfig.tiny()).eval()
+    cfgs = tiny_3dpe_configs()
+    enc = EditingEncoder(cfgs["encoder"]).eval()
+    ren = TriplaneRenderer(cfgs["renderer"]).eval()
+    disc = EditingDualDiscriminator(cfgs["discriminator"]).eval()
     return enc, ren, disc
 
 
@@ -181,7 +199,8 @@ def test_tiny_3dpe_convert_reload_build_export(tmp_path, tiny_3dpe, keys_dir, ca
     write_training_ckpt(src, "3dpe", enc.state_dict(), ren.state_dict(), disc.state_dict(), opts, step=120000)
     assert ck.detect_format(src) == "3dpe"
 
-    r = run_cli(src, tmp_path / "proj")
+    arch = arch_json(tmp_path / "arch.json", **tiny_3dpe_configs())
+    r = run_cli(src, tmp_path / "proj", "--config", arch)
     assert r.returncode == 0, r.stderr
     assert "3dpe" in r.stdout
     cfg = json.loads((tmp_path / "proj" / "config.json").read_text())
@@ -240,11 +259,12 @@ def test_tiny_live3d_convert(tmp_path, mode, capsys):
                         step=7, old_torch=True)
     fmt = f"live3d-{mode.lower()}"
     assert ck.detect_format(src) == fmt
+    arch = arch_json(tmp_path / "arch.json", encoder=Live3DConfig.tiny(mode), renderer=RendererConfig.tiny())
     if mode == "LT":
-        r = run_cli(src, tmp_path / "proj")
+        r = run_cli(src, tmp_path / "proj", "--config", arch)
         assert r.returncode == 0, r.stderr
     else:
-        rc, err = run_main(capsys, src, tmp_path / "proj")
+        rc, err = run_main(capsys, src, tmp_path / "proj", "--config", arch)
         assert rc == 0, err
     back = ck.load_checkpoint(tmp_path / "proj")
     assert back.model_type == "live3d" and back.configs["encoder"].mode == mode
@@ -259,12 +279,41 @@ def test_tiny_live3d_convert(tmp_path, mode, capsys):
     assert rc != 0 and "3dpe" in err
 
 
+def test_original_architecture_is_assumed_and_a_misfit_names_file_and_key(tmp_path, tiny_3dpe, capsys):
+    """3dpe.pt records no architecture: the loader assumes the original's (full size), never a test one, and
+    weights of another size fail in one line naming the file, the component and the first key that differs."""
+    from models.editing.editing_encoder import EditingEncoderConfig
+    from models.eg3d.config import RendererConfig
+
+    enc, ren, disc = tiny_3dpe
+    src = tmp_path / "small.pt"
+    write_training_ckpt(src, "3dpe", enc.state_dict(), ren.state_dict(), disc.state_dict(), {}, step=0)
+    c = ck.load_checkpoint(src)
+    assert c.configs["encoder"] == EditingEncoderConfig() and c.configs["renderer"] == RendererConfig()
+    assert c.meta["config_matched"] == {"encoder": None, "renderer": None, "discriminator": None}
+    with pytest.raises(ConfigError) as e:
+        ck.build_models(c, components=("renderer",), device="meta")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"'{src}': the 'renderer' weights do not fit TriplaneRenderer")
+    assert "'const' is (1, 1, 16) in the file but (1, 1, 512) in the model" in msg and "--config" in msg
+    # the converter checks before it writes a config.json that would not fit
+    rc, err = run_main(capsys, src, tmp_path / "proj")
+    assert rc != 0 and str(src) in err and "the 'encoder' weights do not fit" in err and "'encoder." in err
+    assert not (tmp_path / "proj").exists()
+    # told the architecture, the same file loads and builds
+    c = ck.load_checkpoint(src, configs=tiny_3dpe_configs())
+    assert c.meta["config_matched"] == {"encoder": True, "renderer": True, "discriminator": True}
+    built = ck.build_models(c)
+    for model, want in zip((built["encoder"], built["renderer"], built["discriminator"]), tiny_3dpe):
+        assert_same_sd(model.state_dict(), want.state_dict())
+
+
 def test_config_override_and_mismatch(tmp_path, tiny_3dpe, capsys):
     from models.eg3d.config import RendererConfig
 
     enc, ren, _ = tiny_3dpe
     cfg = RendererConfig.tiny()
-    cfg.decoder_hidden = 8  # an architecture no candidate matches
+    cfg.decoder_hidden = 8  # neither the original's architecture nor the tiny one
     from models.eg3d.triplane_renderer import TriplaneRenderer
 
     odd = TriplaneRenderer(cfg)
@@ -274,12 +323,13 @@ def test_config_override_and_mismatch(tmp_path, tiny_3dpe, capsys):
     assert c.meta["config_matched"]["renderer"] is None
     with pytest.raises(ConfigError, match="--config"):
         ck.build_models(c, components=("renderer",))
+    with pytest.raises(ConfigError, match=r"odd.pt': the 'renderer' .*'decoder\.net\.0\.weight' is \(8, 32\) in the file "
+                                          r"but \(64, 32\) in the model"):
+        ck.build_models(ck.load_checkpoint(src, configs={"renderer": RendererConfig.tiny()}), components=("renderer",))
     c = ck.load_checkpoint(src, configs={"renderer": cfg})
     assert ck.build_models(c, components=("renderer",))["renderer"].state_dict().keys() == odd.state_dict().keys()
     # the CLI takes the same override as JSON
-    from utils.config import to_dict
-
-    (tmp_path / "arch.json").write_text(json.dumps({"renderer": to_dict(cfg)}))
+    arch_json(tmp_path / "arch.json", renderer=cfg, encoder=tiny_3dpe_configs()["encoder"])
     rc, err = run_main(capsys, src, tmp_path / "proj", "--config", tmp_path / "arch.json")
     assert rc == 0, err
     assert ck.load_pretrained(tmp_path / "proj").configs["renderer"].decoder_hidden == 8

@@ -186,7 +186,7 @@ def _tiny_models(kind: str):
 
 
 @pytest.mark.parametrize("kind", ["edit", "reconstruct"])
-def test_cli_loads_original_layout_checkpoints(kind: str, data_dir: Path, tmp_path: Path):
+def test_cli_loads_original_layout_checkpoints(kind: str, data_dir: Path, tmp_path: Path, tiny_original_architectures):
     """A 3dpe.pt / Live3D .pt written in the original layout loads strictly and gives our model's triplane."""
     from safetensors.torch import load_file
 
@@ -220,17 +220,23 @@ def test_cli_loads_original_layout_checkpoints(kind: str, data_dir: Path, tmp_pa
     assert strip.size[0] == strip.size[1] * (5 if kind == "edit" else 4)
 
 
-def test_cli_loads_project_format(data_dir: Path, tmp_path: Path):
+def test_cli_loads_project_format(data_dir: Path, tmp_path: Path, tiny_original_architectures):
+    import json
     import subprocess
     import sys
 
     from models.checkpoint import export_original_3dpe
+    from models.editing.editing_encoder import EditingEncoderConfig
+    from models.eg3d.config import RendererConfig
+    from utils.config import to_dict
 
     enc, ren = _tiny_models("edit")
     export_original_3dpe(tmp_path / "3dpe.pt", enc.state_dict(), ren.state_dict())
     dst = tmp_path / "converted"
-    r = subprocess.run([sys.executable, "-m", "tools.convert_checkpoint", str(tmp_path / "3dpe.pt"), str(dst)],
-                       cwd=Path(test_scripts.__file__).parent, capture_output=True, text=True)
+    arch = tmp_path / "arch.json"  # the converter runs in its own process: the architecture goes by --config
+    arch.write_text(json.dumps({"encoder": to_dict(EditingEncoderConfig.tiny()), "renderer": to_dict(RendererConfig.tiny())}))
+    r = subprocess.run([sys.executable, "-m", "tools.convert_checkpoint", str(tmp_path / "3dpe.pt"), str(dst),
+                        "--config", str(arch)], cwd=Path(test_scripts.__file__).parent, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     a, b = tmp_path / "a", tmp_path / "b"
     assert test_scripts.main(["--checkpoint", str(tmp_path / "3dpe.pt"), "--data-dir", str(data_dir),

@@ -111,7 +111,7 @@ def test_card_leaves_out_what_is_unknown(tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 # the converter
 # ------------------------------------------------------------------------------------------------------------
-def test_converter_cards(tmp_path, monkeypatch):
+def test_converter_cards(tmp_path, monkeypatch, tiny_original_architectures):
     from models.eg3d.config import GeneratorConfig
     from models.eg3d.generator import TriPlaneGenerator
     from tools.convert_checkpoint import main
@@ -155,7 +155,7 @@ def test_converter_cards(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------------------
 # the evaluator
 # ------------------------------------------------------------------------------------------------------------
-def test_evaluate_puts_its_figures_in_the_card(tmp_path, monkeypatch):
+def test_evaluate_puts_its_figures_in_the_card(tmp_path, monkeypatch, tiny_original_architectures):
     from tools import evaluate
     from tools.convert_checkpoint import main as convert
 

@@ -11,9 +11,11 @@ read with the restricted unpickler: nothing in them runs.
 --to 3dpe-pt: DST is the original `3dpe.pt` layout (file; a directory gets `3dpe.pt` inside).
 --to eg3d-pth: DST is the original converted EG3D `.pth` (file; a directory gets `ffhqrebalanced512-128.pth`).
 --config: JSON {component: {config fields}} for checkpoints trained with a non-default architecture.
+3dpe.pt and Live3D files record no architecture: without --config the original's is assumed, and checked
+against the weights before anything is written (the error names the first key that does not fit).
 
-Exit status 0 on success; 1 for a refused pickle (the offending global is named), a missing file, or an
-unknown format, with the reason on stderr.
+Exit status 0 on success; 1 for a refused pickle (the offending global is named), a missing file, an
+unknown format, or weights that do not fit the architecture, with the reason on stderr.
 """
 from __future__ import annotations
 
@@ -49,6 +51,9 @@ def _convert(src: str | Path, dst: str | Path, to: str, config: dict | None) -> 
     ckpt = ck.load_checkpoint(src, configs=config)
     dst = Path(dst)
     if to == "threedpe":
+        assumed = tuple(c for c, ok in ckpt.meta.get("config_matched", {}).items() if not ok)
+        if assumed:  # architectures assumed, not recorded: check they fit before config.json records them
+            ck.build_models(ckpt, components=assumed, device="meta")
         out = ck.save_pretrained(dst, ckpt.components, ckpt.model_type, ck.config_dicts(ckpt), ck.source_info(ckpt))
         write_conversion_card(out, ckpt, src)  # README.md: licence, source sha256 (models/model_card.py)
     elif to == "3dpe-pt":
