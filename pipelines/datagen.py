@@ -97,8 +97,9 @@ def main(config_path: str | os.PathLike | None = None, overrides: Sequence[str] 
     rank 0 when a merge ran, else None). `on_unit_done(info)` is called after each finished unit.
     """
     cfg = load_config(DatagenConfig, config_path, overrides)
+    mode = {"False": "off", "True": "on"}.get(cfg.distributed, cfg.distributed)  # YAML reads a bare off/on as a bool
     # Ranks may finish hours apart (unequal shards, resumed runs): finished ones wait long at the final barrier.
-    dist = init_distributed(cfg.device, mode=cfg.distributed, timeout_hours=cfg.dist_timeout_hours)
+    dist = init_distributed(cfg.device, mode=mode, timeout_hours=cfg.dist_timeout_hours)
     try:
         return _run(cfg, dist.device, dist, components or Components(), on_unit_done)
     finally:

@@ -283,3 +283,19 @@ def test_one_seed_parser_rejects_reversed_ranges() -> None:
             parse_seeds(bad, what="source.seeds")
     with pytest.raises(ConfigError, match="source.seeds: the range '5-3'"):
         datagen.enumerate_inputs(load_config(DatagenConfig, TINY, ["source.seeds=5-3"]).source)
+
+
+def test_rank_without_rendezvous_does_its_shard_and_leaves_the_merge(tmp_path, comps, monkeypatch) -> None:
+    """RANK/WORLD_SIZE without MASTER_ADDR (a SLURM array task): no group, this rank's inputs only, no merge."""
+    for k in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "array"
+    s = main(TINY, [f"output_dir={out}", "edit.edit_types=[pixar]"], components=comps)
+    assert s["world_size"] == 2 and s["merged"] is None and s["done"] == N_INPUTS // 2
+    assert {r["input"] for r in read_jsonl(out / "manifest.1.jsonl")} == {"eg3d/seed0000001.png", "eg3d/seed0000003.png"}
+    assert not (out / "manifest.jsonl").exists() and not (out / "summary.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    main(TINY, [f"output_dir={out}", "edit.edit_types=[pixar]", "distributed=off"], components=comps)
+    assert datagen.merge_outputs(out)["inputs"] == N_INPUTS
