@@ -83,5 +83,6 @@ def emit(result: dict, out: str | None = None) -> None:
     text = json.dumps(result, indent=2)
     print(text)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text + "\n")
+        from utils.atomic import atomic_write_text
+
+        atomic_write_text(out, text + "\n")

@@ -107,16 +107,9 @@ def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def get_rank() -> int:
-    return dist.get_rank() if is_dist() else 0
-
-
 def get_world_size() -> int:
+    """Ranks in the process group (1 without one)."""
     return dist.get_world_size() if is_dist() else 1
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
 
 
 def barrier() -> None:
