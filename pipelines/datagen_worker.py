@@ -223,16 +223,19 @@ class ShardWorker:
             try:
                 images = self.prepare_inputs(need)
             except Exception:  # noqa: BLE001 - count, log and go on; a rerun retries
-                n = sum(len(todo[it.rel]) for it in need)
-                log.error("rank %d: inputs %s failed:\n%s", self.dist.rank, [it.rel for it in need], traceback.format_exc())
-                self.counts["failed"] += n
-                if bar is not None:
-                    bar.update(n)
+                self._failed("the inputs", need, sum(len(todo[it.rel]) for it in need), bar)
                 continue
             for et in edit_types:
                 sub = [i for i, it in enumerate(need) if et in todo[it.rel]]
                 if sub:
                     self.edit_units([need[i] for i in sub], images[sub], et, bar)
+
+    def _failed(self, what: str, items: list[InputItem], n_units: int, bar: Any) -> None:
+        """Log the exception being handled and count its units as failed (a rerun retries them)."""
+        log.error("rank %d: %s of %s failed:\n%s", self.dist.rank, what, [it.rel for it in items], traceback.format_exc())
+        self.counts["failed"] += n_units
+        if bar is not None:
+            bar.update(n_units)
 
     def prepare_inputs(self, items: list[InputItem]) -> torch.Tensor:
         """Input images B×3×H×W in [-1,1]; writes the input PNG and its label line when missing."""
@@ -323,10 +326,7 @@ class ShardWorker:
                     dscores.append(sc["d"])
                     iscores.append(sc["s"])
         except Exception:  # noqa: BLE001 - count, log and go on; a rerun retries these units
-            log.error("rank %d: %s on %s failed:\n%s", self.dist.rank, et.name, [it.rel for it in items], traceback.format_exc())
-            self.counts["failed"] += n
-            if bar is not None:
-                bar.update(n)
+            self._failed(et.name, items, n, bar)
             return
         for i, it in enumerate(items):
             recs = []
