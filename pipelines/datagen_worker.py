@@ -184,8 +184,9 @@ class ShardWorker:
                        "variants_filtered": 0, "inputs_written": 0}
         self.edit_seconds = 0.0
 
-    # --- state recovered from previous runs (any rank's files, so a changed world size still resumes)
     def load_state(self) -> None:
+        """The finished units and written inputs of earlier runs (any rank's files, so a changed world size
+        still resumes); this rank's own logs lose a torn last line first."""
         repair_jsonl(self.manifest_path)
         repair_jsonl(self.labels_path)
         status: dict[tuple[str, str], str] = {}
@@ -206,9 +207,11 @@ class ShardWorker:
                 self.labels[r["path"]] = r
 
     def input_done(self, rel: str) -> bool:
+        """Input `rel` was written and labelled by an earlier batch or run."""
         return rel in self.labels and (self.out / rel).is_file()
 
     def run(self, items: list[InputItem], edit_types: list[EditType], bar: Any) -> None:
+        """Every unfinished (input, style) of `items`, `batch_size` inputs at a time; failures are counted."""
         bs = max(1, self.cfg.batch_size)
         for start in range(0, len(items), bs):
             batch = items[start:start + bs]
@@ -232,7 +235,8 @@ class ShardWorker:
 
     def _failed(self, what: str, items: list[InputItem], n_units: int, bar: Any) -> None:
         """Log the exception being handled and count its units as failed (a rerun retries them)."""
-        log.error("rank %d: %s of %s failed:\n%s", self.dist.rank, what, [it.rel for it in items], traceback.format_exc())
+        log.error("rank %d: %s of %s failed:\n%s", self.dist.rank, what, [it.rel for it in items],
+                  traceback.format_exc())
         self.counts["failed"] += n_units
         if bar is not None:
             bar.update(n_units)
