@@ -17,17 +17,7 @@ import time
 
 import torch
 
-from common import ROOT, emit, machine_info, peak_memory_mb, time_ms
-
-SD15_UNET = dict(  # SD-1.5 UNet, with the 8 input channels of InstructPix2Pix (4 noisy + 4 image latents)
-    sample_size=64, in_channels=8, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
-SD15_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=2, norm_num_groups=32, sample_size=512)
+from common import ROOT, SD15_UNET, SD15_VAE, emit, machine_info, peak_memory_mb, time_ms
 
 
 def bench_tiny(device: torch.device, seeds: str) -> dict:

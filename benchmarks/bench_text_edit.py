@@ -17,7 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from common import emit, machine_info, peak_memory_mb, time_ms  # noqa: E402  (puts the repo root on sys.path)
+# common puts the repo root on sys.path
+from common import SD15_UNET, SD15_VAE, emit, machine_info, peak_memory_mb, time_ms  # noqa: E402
 from pipelines.instruct_pix2pix import (InstructPix2PixConfig, InstructPix2PixEditor,  # noqa: E402
                                        build_clip_tokenizer, build_tiny_instruct_pix2pix)
 from models.editing.clip_prompt import ClipPromptConfig, ClipPromptEncoder, tiny_open_clip_config  # noqa: E402
@@ -63,16 +64,8 @@ def build_sd15_instruct_pix2pix(device: torch.device, dtype: torch.dtype):
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        unet = UNet2DConditionModel(
-            sample_size=64, in_channels=8, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
+        unet = UNet2DConditionModel(**SD15_UNET)
+        vae = AutoencoderKL(**SD15_VAE)
         text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
             max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,

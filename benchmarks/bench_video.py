@@ -59,15 +59,15 @@ def crop_jitter(frames: list[np.ndarray], detector, radius: int, side: int = 256
     """Mean |Δ| (uint8 levels) between consecutive aligned crops, with centred-window smoothing ±radius."""
     from PIL import Image
 
-    from tools import edit_video as ev
+    from pipelines.crop_tracking import CentredWindowSmoother, FrameTrack
     from utils.face_alignment import crop_box, crop_image
 
-    sm = ev.CentredWindowSmoother(radius)
+    sm = CentredWindowSmoother(radius)
     tracks = []
     for i, f in enumerate(frames):
         faces = detector.detect(Image.fromarray(f))
         box = crop_box(faces[0].landmarks, f.shape[0]) if faces else None
-        tracks.extend(sm.push(ev.FrameTrack(i, f, box)))
+        tracks.extend(sm.push(FrameTrack(i, f, box)))
     tracks.extend(sm.flush())
     crops = [np.asarray(crop_image(Image.fromarray(t.frame), t.box, side), dtype=np.int16)
              for t in tracks if t.box is not None]
@@ -75,8 +75,8 @@ def crop_jitter(frames: list[np.ndarray], detector, radius: int, side: int = 256
 
 
 def main() -> None:
+    from pipelines import video_edit as ev
     from pipelines.editor import PortraitEditor
-    from tools import edit_video as ev
     from utils.device import resolve_device
     from utils.face_alignment import MTCNNDetector
 

@@ -17,6 +17,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# The timbrooks/instruct-pix2pix (SD-1.5) UNet, with its 8 input channels (4 noisy + 4 image latents), and VAE:
+# diffusers constructor arguments for full-size random-weight models.
+SD15_UNET = dict(
+    sample_size=64, in_channels=8, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
+
 
 def machine_info(device: torch.device) -> dict:
     """CPU model, cores, threads, torch version, device name."""
@@ -83,5 +95,6 @@ def emit(result: dict, out: str | None = None) -> None:
     text = json.dumps(result, indent=2)
     print(text)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text + "\n")
+        from utils.atomic import atomic_write_text
+
+        atomic_write_text(out, text + "\n")

@@ -196,15 +196,10 @@ class EditPairsDataset(Dataset):
         return pair.edit_type.replace("-", " ")
 
     def load(self, rel: str) -> torch.Tensor:
-        """Image at `rel` → float32 3×R×R in [-1,1]."""
-        from PIL import Image
+        """Image at `rel` → float32 3×R×R in [-1,1] (bicubic-resized when its size differs)."""
+        from utils.image_io import load_image_tensor
 
-        from utils.image_io import load_image, pil_to_tensor
-
-        img = load_image(self.root / rel)
-        if img.size != (self.resolution, self.resolution):
-            img = img.resize((self.resolution, self.resolution), Image.Resampling.BICUBIC)
-        return pil_to_tensor(img)[0]
+        return load_image_tensor(self.root / rel, self.resolution)[0]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self.pairs):

@@ -234,3 +234,46 @@ def test_checkpoint_writers_are_atomic(tmp_path: Path, monkeypatch):
                                {"renderer": RendererConfig.tiny()}, {"note": "second"})
     assert json.loads((dst / "config.json").read_text())["source"]["note"] == "first"
     assert _names(tmp_path) == set(writers) | {"proj"}
+
+
+def test_eg3d_sample_tensors_are_atomic(tmp_path: Path, monkeypatch):
+    from tools.eg3d_samples import save_seed
+
+    def result(v: float) -> dict[str, torch.Tensor]:
+        return {"planes": torch.full((1, 96, 4, 4), v), "image": torch.full((1, 3, 8, 8), v),
+                "image_raw": torch.full((1, 3, 4, 4), v), "image_depth": torch.full((1, 1, 4, 4), v)}
+
+    save_seed(tmp_path, 3, result(0.5), save_tensors=True)
+    old = (tmp_path / "seed0003.safetensors").read_bytes()
+    with disk_full_for(monkeypatch, "seed0003.safetensors"), pytest.raises(OSError):
+        save_seed(tmp_path, 3, result(-0.5), save_tensors=True)
+    assert (tmp_path / "seed0003.safetensors").read_bytes() == old
+    assert _names(tmp_path) == {"seed0003.png", "seed0003.safetensors"}
+
+
+def test_training_checkpoint_folders_are_atomic(tmp_path: Path):
+    """A save that dies leaves no step folder and no temporary; what a killed run left goes at the next save."""
+    from training.state import latest_checkpoint, save_checkpoint
+
+    def snapshot(dst: Path) -> None:
+        dst.mkdir()
+        (dst / "config.json").write_text("{}")
+
+    def dies(dst: Path) -> None:
+        snapshot(dst)
+        raise RuntimeError("killed while saving")
+
+    root = tmp_path / "checkpoints"
+    save_checkpoint(root, 1, {"step": 1}, snapshot)
+    with pytest.raises(RuntimeError):
+        save_checkpoint(root, 2, {"step": 2}, dies)
+    assert _names(root) == {"step_00000001"} and latest_checkpoint(root) == root / "step_00000001"
+    (root / ".step_00000002.x1y2.tmp").mkdir()  # a SIGKILL leaves its temporary folder
+    (root / ".step_00000002.x1y2.tmp" / "training_state.pt").write_bytes(b"half")
+    assert latest_checkpoint(root) == root / "step_00000001"
+    save_checkpoint(root, 2, {"step": 2}, snapshot, keep_last=3)
+    assert _names(root) == {"step_00000001", "step_00000002"}
+    assert _names(root / "step_00000002") == {"config.json", "training_state.pt"}
+    save_checkpoint(root, 2, {"step": 22}, snapshot)  # the same step again replaces it
+    assert torch.load(root / "step_00000002" / "training_state.pt")["step"] == 22
+    assert _names(root) == {"step_00000001", "step_00000002"}

@@ -20,7 +20,7 @@ from PIL import Image
 from pipelines import datagen
 from datasets.layout import load_vocabulary, read_jsonl
 from pipelines.datagen import Components, DatagenConfig, main
-from utils.config import load_config
+from utils.config import load_config, parse_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "datagen_tiny.yaml"
@@ -138,7 +138,7 @@ def test_sigkilled_process_resumes(tmp_path, comps) -> None:
     out = tmp_path / "sigkill"
     seeds = "0-7"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.datagen", "--config", str(TINY), f"output_dir={out}",
+    proc = subprocess.Popen([sys.executable, "-m", "tools.datagen", "--config", str(TINY), f"output_dir={out}",
                              f"source.seeds={seeds}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -203,7 +203,7 @@ def test_two_gloo_ranks_write_disjoint_shards(tmp_path, full_run) -> None:
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "pipelines.datagen", "--config", str(TINY), f"output_dir={out}"]
+           "-m", "tools.datagen", "--config", str(TINY), f"output_dir={out}"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     shards = [{r["input"] for r in read_jsonl(out / f"manifest.{k}.jsonl")} for k in (0, 1)]
@@ -263,7 +263,7 @@ def test_vocabulary_and_seed_specs() -> None:
     for must in ("golden-statue", "bronze-bust", "pixar", "oil-painting", "sketch", "zombie", "elf", "old-age",
                  "child", "beard", "glasses"):
         assert must in vocab
-    assert datagen.parse_seeds("0-3,10,2") == [0, 1, 2, 3, 10]
+    assert parse_seeds("0-3,10,2") == [0, 1, 2, 3, 10]
     items = datagen.enumerate_inputs(load_config(DatagenConfig, TINY, ["source.seeds=0-9"]).source)
     shards = [datagen.shard(items, r, 3) for r in range(3)]
     assert sorted(i.rel for s in shards for i in s) == sorted(i.rel for i in items)
@@ -271,14 +271,31 @@ def test_vocabulary_and_seed_specs() -> None:
 
 
 def test_one_seed_parser_rejects_reversed_ranges() -> None:
+    from pipelines import datagen_worker
     from tools import eg3d_samples
     from utils.errors import ConfigError
 
-    assert datagen.parse_seeds is eg3d_samples.parse_seeds  # one parser for both tools
-    assert datagen.parse_seeds(" 0-2, 7 ,1") == [0, 1, 2, 7] and datagen.parse_seeds(5) == [5]
+    assert datagen_worker.parse_seeds is eg3d_samples.parse_seeds  # one parser for both tools
+    assert parse_seeds(" 0-2, 7 ,1") == [0, 1, 2, 7] and parse_seeds(5) == [5]
     for bad, says in (("5-3", "'5-3' runs backwards"), ("-3", "'-3' is not a seed"), ("a-b", "'a-b'"),
                       ("", "no seeds")):
         with pytest.raises(ConfigError, match=says):
-            datagen.parse_seeds(bad, what="source.seeds")
+            parse_seeds(bad, what="source.seeds")
     with pytest.raises(ConfigError, match="source.seeds: the range '5-3'"):
         datagen.enumerate_inputs(load_config(DatagenConfig, TINY, ["source.seeds=5-3"]).source)
+
+
+def test_rank_without_rendezvous_does_its_shard_and_leaves_the_merge(tmp_path, comps, monkeypatch) -> None:
+    """RANK/WORLD_SIZE without MASTER_ADDR (a SLURM array task): no group, this rank's inputs only, no merge."""
+    for k in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "array"
+    s = main(TINY, [f"output_dir={out}", "edit.edit_types=[pixar]"], components=comps)
+    assert s["world_size"] == 2 and s["merged"] is None and s["done"] == N_INPUTS // 2
+    assert {r["input"] for r in read_jsonl(out / "manifest.1.jsonl")} == {"eg3d/seed0000001.png", "eg3d/seed0000003.png"}
+    assert not (out / "manifest.jsonl").exists() and not (out / "summary.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    main(TINY, [f"output_dir={out}", "edit.edit_types=[pixar]", "distributed=off"], components=comps)
+    assert datagen.merge_outputs(out)["inputs"] == N_INPUTS

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from datasets.layout import read_jsonl
 from pipelines import datagen
 from pipelines.datagen import Components, DatagenConfig, main
 from utils.config import load_config
@@ -33,7 +34,7 @@ def _outputs(out: Path) -> dict[str, bytes]:
 
 def _manifest(out: Path) -> list[dict]:
     """The merged manifest without the rank column (which says who did the work, not what came out)."""
-    return [{k: v for k, v in r.items() if k != "rank"} for r in datagen.read_jsonl(out / "manifest.jsonl")]
+    return [{k: v for k, v in r.items() if k != "rank"} for r in read_jsonl(out / "manifest.jsonl")]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_same_bytes_for_batch_1_and_4_and_for_1_and_2_processes(tmp_path, comps)
     # two gloo ranks under torchrun (threads: 1 on each; shards {0,2} and {1,3}, so batches of 2)
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "pipelines.datagen", "--config", str(TINY), f"output_dir={two_b4}", "batch_size=4", ONE_STYLE]
+           "-m", "tools.datagen", "--config", str(TINY), f"output_dir={two_b4}", "batch_size=4", ONE_STYLE]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert json.loads((two_b4 / "summary.json").read_text())["world_size"] == 2
@@ -84,4 +85,4 @@ def test_batched_model_calls_still_work(tmp_path, comps) -> None:
     """batch_invariant=false (faster on a GPU, not byte-stable) runs the same units."""
     s = main(TINY, [f"output_dir={tmp_path}", "batch_invariant=false", "batch_size=4"], components=comps)
     assert s["done"] == 8 and s["failed"] == 0
-    assert len(datagen.read_jsonl(tmp_path / "manifest.jsonl")) == 16
+    assert len(read_jsonl(tmp_path / "manifest.jsonl")) == 16

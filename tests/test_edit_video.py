@@ -8,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from pipelines.crop_tracking import CentredWindowSmoother, FrameTrack, smooth_window
 from pipelines.editor import PortraitEditor
+from pipelines.video_edit import CameraPlan
 from tools import edit_video as ev
 from utils.face_alignment import CropBox, MTCNNDetector
 from utils.video import AtomicVideoWriter, iter_video_frames, read_video_meta
@@ -197,10 +199,10 @@ def test_smoother_streams_in_order_and_reduces_jitter():
     boxes = [CropBox(100 + rng.normal(0, 3), 120 + rng.normal(0, 3), 80 * float(np.exp(rng.normal(0, 0.03))))
              for _ in range(n)]
     boxes[10] = None  # a frame without a face stays without one
-    sm = ev.CentredWindowSmoother(r)
+    sm = CentredWindowSmoother(r)
     out = []
     for i, b in enumerate(boxes):
-        got = sm.push(ev.FrameTrack(i, np.zeros((1, 1, 3), np.uint8), b))
+        got = sm.push(FrameTrack(i, np.zeros((1, 1, 3), np.uint8), b))
         assert len(sm._items) <= 2 * r + 1  # bounded buffer (streaming)
         out.extend(got)
         if i >= r:
@@ -218,24 +220,24 @@ def test_smoother_streams_in_order_and_reduces_jitter():
 
 def test_smoother_ignores_scene_cut():
     boxes = [CropBox(100, 100, 80)] * 5 + [CropBox(400, 300, 150)] * 5
-    tracks = [ev.FrameTrack(i, np.zeros((1, 1, 3), np.uint8), b) for i, b in enumerate(boxes)]
-    sm = [ev.smooth_window(tracks, i, 3) for i in range(len(tracks))]
+    tracks = [FrameTrack(i, np.zeros((1, 1, 3), np.uint8), b) for i, b in enumerate(boxes)]
+    sm = [smooth_window(tracks, i, 3) for i in range(len(tracks))]
     assert (sm[4].box.center_x, sm[4].box.size) == pytest.approx((100, 80))
     assert (sm[5].box.center_x, sm[5].box.size) == pytest.approx((400, 150))
 
 
 def test_camera_plans():
-    track = ev.FrameTrack(5, np.zeros((1, 1, 3), np.uint8), CropBox(0, 0, 1), pose=(0.2, -0.1))
-    frontal = ev._CameraPlan(ev.VideoEditConfig(camera="frontal"))(track)
+    track = FrameTrack(5, np.zeros((1, 1, 3), np.uint8), CropBox(0, 0, 1), pose=(0.2, -0.1))
+    frontal = CameraPlan(ev.VideoEditConfig(camera="frontal"))(track)
     assert frontal.shape == (1, 25)
     assert frontal[0, 3].abs() < 1e-5 and frontal[0, 11] == pytest.approx(2.7 + 0.0, abs=0.01)  # at (0,0,2.7)
-    fixed = ev._CameraPlan(ev.VideoEditConfig(camera="fixed", yaw=20.0))(track)
+    fixed = CameraPlan(ev.VideoEditConfig(camera="fixed", yaw=20.0))(track)
     assert fixed[0, 3] > 0.5  # camera moved to +x
-    frame = ev._CameraPlan(ev.VideoEditConfig(camera="frame"))(track)
+    frame = CameraPlan(ev.VideoEditConfig(camera="frame"))(track)
     assert frame[0, 3] > 0.3 and frame[0, 7] > 0.1  # yaw 0.2 rad → camera at +x; pitch −0.1 rad → above (world y up)
-    orbit = ev._CameraPlan(ev.VideoEditConfig(camera="orbit", orbit_frames=4))
-    a, b = orbit(ev.FrameTrack(1, track.frame)), orbit(ev.FrameTrack(5, track.frame))
-    assert torch.equal(a, b) and not torch.equal(a, orbit(ev.FrameTrack(2, track.frame)))
+    orbit = CameraPlan(ev.VideoEditConfig(camera="orbit", orbit_frames=4))
+    a, b = orbit(FrameTrack(1, track.frame)), orbit(FrameTrack(5, track.frame))
+    assert torch.equal(a, b) and not torch.equal(a, orbit(FrameTrack(2, track.frame)))
     with pytest.raises(ValueError):
         ev.VideoEditConfig(camera="sideways").validate()
 

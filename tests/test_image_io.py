@@ -14,6 +14,7 @@ from utils.image_io import (
     IMAGE_EXTENSIONS,
     list_images,
     load_image,
+    load_image_tensor,
     pil_to_tensor,
     save_png,
     tensor_to_uint8,
@@ -143,6 +144,27 @@ def test_tensor_conversions():
     assert out == [0, 0, round(127.5), 255, 255, round(1.5 * 127.5)]
     with pytest.raises(ValueError):
         tensor_to_uint8(torch.zeros(2, 3, 4, 4))
+
+
+def test_load_image_tensor_resizes_only_when_needed(tmp_path):
+    """The one load-and-resize: upright RGB, bicubic by default (LANCZOS on request), [-1,1], 1×3×R×R."""
+    arr = _pattern(12, 10)
+    Image.fromarray(arr, "RGB").convert("LA").save(tmp_path / "grey.png")  # converted like load_image does
+    Image.fromarray(arr, "RGB").save(tmp_path / "a.png")
+    same = load_image_tensor(tmp_path / "a.png")
+    assert same.shape == (1, 3, 12, 10) and same.dtype == torch.float32
+    assert torch.equal(same, pil_to_tensor(Image.fromarray(arr)))
+    assert torch.equal(load_image_tensor(tmp_path / "a.png", None), same)
+    for resample in (Image.Resampling.BICUBIC, Image.Resampling.LANCZOS):
+        x = load_image_tensor(tmp_path / "a.png", 8, *([resample] if resample != Image.Resampling.BICUBIC else []))
+        assert x.shape == (1, 3, 8, 8)  # non-square sources are stretched, not cropped
+        assert torch.equal(x, pil_to_tensor(Image.fromarray(arr).resize((8, 8), resample)))
+    assert not torch.equal(load_image_tensor(tmp_path / "a.png", 8, Image.Resampling.LANCZOS),
+                           load_image_tensor(tmp_path / "a.png", 8))
+    grey = load_image_tensor(tmp_path / "grey.png", 12)
+    assert grey.shape == (1, 3, 12, 12) and torch.equal(grey[0, 0], grey[0, 2])
+    with pytest.raises(BadImageError, match="missing.png"):
+        load_image_tensor(tmp_path / "missing.png", 8)
 
 
 def test_save_png_atomic_and_inputs(tmp_path):

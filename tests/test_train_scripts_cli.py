@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from datasets.layout import read_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_TINY = ROOT / "configs" / "train_tiny.yaml"
 DATAGEN_TINY = ROOT / "configs" / "datagen_tiny.yaml"
@@ -79,7 +81,7 @@ def _summary(out: str) -> dict:
 
 def test_datagen_is_the_module_cli_and_fails_with_failed_units(tmp_path, capsys):
     import train_scripts
-    from pipelines import datagen
+    from tools import datagen
 
     photos = _photos(tmp_path / "photos", broken=True)
     capsys.readouterr()
@@ -98,7 +100,7 @@ def test_datagen_is_the_module_cli_and_fails_with_failed_units(tmp_path, capsys)
 
 def test_datagen_merge_only(tmp_path, capsys):
     import train_scripts
-    from pipelines import datagen
+    from tools import datagen
 
     outs = []
     for name in ("a", "b"):  # what a finished shard leaves: an input, its label line and its manifest line
@@ -117,7 +119,7 @@ def test_datagen_merge_only(tmp_path, capsys):
     script_out = capsys.readouterr().out
     assert json.loads(script_out) == json.loads(module_out) and json.loads(script_out)["inputs"] == 1
     assert json.loads((outs[1] / "dataset.json").read_text()) == {"labels": [["ffhq/p0.png", [0.5] * 25]]}
-    assert len(datagen.read_jsonl(outs[1] / "manifest.jsonl")) == 1
+    assert len(read_jsonl(outs[1] / "manifest.jsonl")) == 1
 
 
 def test_malformed_yaml_is_one_line(tmp_path: Path):

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from models.checkpoint import load_eg3d_generator
+from utils.atomic import atomic_write_bytes
 from utils.config import parse_seeds
 from utils.errors import ThreeDPEError
 
@@ -80,13 +81,11 @@ def save_seed(outdir: Path, seed: int, result: dict[str, torch.Tensor], save_ten
     strip = torch.cat(list(images), dim=2)  # 3×R×(V·R)
     written = [save_png(outdir / f"seed{seed:04d}.png", strip)]
     if save_tensors:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         path = outdir / f"seed{seed:04d}.safetensors"
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: result[k].contiguous() for k in ("planes", "image", "image_raw", "image_depth")}, str(tmp),
-                  metadata={"seed": str(seed)})
-        tmp.replace(path)
+        tensors = {k: result[k].contiguous() for k in ("planes", "image", "image_raw", "image_depth")}
+        atomic_write_bytes(path, save(tensors, metadata={"seed": str(seed)}))
         written.append(path)
     return written
 

@@ -80,10 +80,8 @@ class CustomPairs(Dataset):
     def __init__(self, input_dir: str | Path, edited_dir: str | Path, resolution: int = 512,
                  labels_file: str | Path | None = None, default_focal: float = 4.2647, seed: int = 0,
                  instruction: str = ""):
-        from PIL import Image
-
         from utils.cameras import frontal_camera
-        from utils.image_io import load_image, pil_to_tensor
+        from utils.image_io import load_image_tensor
 
         input_dir, edited_dir = Path(input_dir), Path(edited_dir)
         labels: dict[str, list[float]] = {}
@@ -99,18 +97,12 @@ class CustomPairs(Dataset):
         inputs, targets, cameras = [], [], []
         frontal = frontal_camera(default_focal)[0]
 
-        def read(path: Path) -> torch.Tensor:
-            img = load_image(path)
-            if img.size != (resolution, resolution):
-                img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)
-            return pil_to_tensor(img)[0]
-
         for p in sources:
             if p.stem not in edited:
                 continue
             self.stems.append(p.stem)
-            inputs.append(read(p))
-            targets.append(read(edited[p.stem]))
+            inputs.append(load_image_tensor(p, resolution)[0])
+            targets.append(load_image_tensor(edited[p.stem], resolution)[0])
             label = _label_for(labels, p.stem, p.name)
             cameras.append(torch.tensor(label, dtype=torch.float32) if label is not None else frontal.clone())
         if not self.stems:
@@ -173,16 +165,11 @@ def _adopt_base_prompt_encoder(t: TrainConfig, base: str) -> None:
 
 def make_edits(input_dir: Path, out_dir: Path, instruction: str, editor: Any, resolution: int) -> Path:
     """Edit every image of `input_dir` with `editor(images, instruction, seeds)` into `out_dir` (cached)."""
-    from PIL import Image
-
-    from utils.image_io import list_images, load_image, pil_to_tensor, save_png
+    from utils.image_io import list_images, load_image_tensor, save_png
 
     todo = [p for p in list_images(input_dir) if not (out_dir / f"{p.stem}.png").is_file()]
     for i, p in enumerate(todo):
-        img = load_image(p)
-        if img.size != (resolution, resolution):
-            img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)
-        edited = editor(pil_to_tensor(img), [instruction], seeds=[i])
+        edited = editor(load_image_tensor(p, resolution), [instruction], seeds=[i])
         save_png(out_dir / f"{p.stem}.png", edited[0])
     return out_dir
 

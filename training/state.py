@@ -11,10 +11,11 @@ Layout of a run directory (`exps/<name>/`):
                                          sampler position, RNG states of every rank
     final/                           the snapshot written at the end (plus 3dpe.pt when exported)
 
-A checkpoint directory is built under a temporary name and renamed into place, so a killed run never
-leaves a half-written `step_*` behind; `latest_checkpoint` only sees complete ones. `training_state` writes
-`training_state.pt` and `restore_training_state` reads it back; `snapshot_writer` writes the inference
-snapshot (into every checkpoint and into `final/`), `write_final` the end-of-run outputs.
+A checkpoint directory is built under a hidden temporary name and renamed into place
+(`utils.atomic.atomic_directory`), so a killed run never leaves a half-written `step_*` behind;
+`latest_checkpoint` only sees complete ones, and the next save removes what a killed one left.
+`training_state` writes `training_state.pt` and `restore_training_state` reads it back; `snapshot_writer`
+writes the inference snapshot (into every checkpoint and into `final/`), `write_final` the end-of-run outputs.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from utils.atomic import atomic_directory
 from utils.config import to_dict
 
 if TYPE_CHECKING:
@@ -125,22 +127,16 @@ def save_checkpoint(
 
     Call on rank 0 only. Older checkpoints beyond the newest `keep_last` are deleted (0 keeps all).
     """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_dir(root, step)
-    tmp = root / f".{final.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    write_snapshot(tmp / "snapshot_tmp")
-    # The snapshot writer owns its own folder (it may rename into place); move its files up.
-    for f in (tmp / "snapshot_tmp").iterdir():
-        os.replace(f, tmp / f.name)
-    (tmp / "snapshot_tmp").rmdir()
-    torch.save(training_state, tmp / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    root, final = Path(root), checkpoint_dir(root, step)
+    for stale in [*root.glob(".step_*.tmp"), *root.glob(".step_*.old-*")]:  # what a killed run left
+        shutil.rmtree(stale, ignore_errors=True)
+    with atomic_directory(final) as tmp:
+        write_snapshot(tmp / "snapshot")
+        # The snapshot writer owns its own folder (it may rename into place); move its files up.
+        for f in (tmp / "snapshot").iterdir():
+            os.replace(f, tmp / f.name)
+        (tmp / "snapshot").rmdir()
+        torch.save(training_state, tmp / STATE_FILE)
     if keep_last > 0:
         for _, old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -240,10 +236,7 @@ def write_final(run_dir: Path, encoder: nn.Module, renderer: nn.Module, D: nn.Mo
                 source: dict[str, Any], step: int, cfg: "TrainConfig", card: dict[str, Any] | None = None) -> None:
     """End of a run (rank 0): `run_dir/final/` (replaced if present) and, with `cfg.export_3dpe`, `run_dir/3dpe.pt`
     in the original 3DPE layout (encoder, renderer, discriminator, step, `original_opts(cfg)`)."""
-    final = run_dir / "final"
-    if final.exists():
-        shutil.rmtree(final)
-    snapshot_writer(encoder, renderer, configs, source, step, card)(final)
+    snapshot_writer(encoder, renderer, configs, source, step, card)(run_dir / "final")  # replaces it atomically
     if cfg.export_3dpe:
         from models.checkpoint import export_original_3dpe
 

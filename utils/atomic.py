@@ -48,15 +48,15 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, prefix: str | Non
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
-    """`Path(path).write_text(text)`, atomically."""
-    with atomic_write(path, "w", encoding=encoding) as fh:
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8", *, fsync: bool = False) -> None:
+    """`Path(path).write_text(text)`, atomically (`fsync` as in `atomic_write`)."""
+    with atomic_write(path, "w", encoding=encoding, fsync=fsync) as fh:
         fh.write(text)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """`Path(path).write_bytes(data)`, atomically."""
-    with atomic_write(path, "wb") as fh:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = False) -> None:
+    """`Path(path).write_bytes(data)`, atomically (`fsync` as in `atomic_write`)."""
+    with atomic_write(path, "wb", fsync=fsync) as fh:
         fh.write(data)
 
 

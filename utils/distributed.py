@@ -10,6 +10,7 @@ Without them everything here degrades to a single process: `all_reduce_*` are id
 """
 from __future__ import annotations
 
+import datetime
 import os
 import random
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ import torch
 import torch.distributed as dist
 
 from utils.device import resolve_device
+from utils.errors import ConfigError
+
+GROUP_MODES = ("on", "auto", "off")
 
 
 @dataclass
@@ -30,6 +34,7 @@ class DistInfo:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # `init_distributed` created the process group (so its caller destroys it)
 
     @property
     def is_main(self) -> bool:
@@ -41,10 +46,14 @@ class DistInfo:
 
 
 def env_info() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from the torchrun environment; (0, 0, 1) without it."""
+    """(rank, local_rank, world_size) from the torchrun environment; (0, 0, 1) without it.
+
+    Raises ConfigError when RANK is not in [0, WORLD_SIZE)."""
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"bad RANK={rank} / WORLD_SIZE={world} in the environment: RANK must be in [0, WORLD_SIZE)")
     return rank, local_rank, world
 
 
@@ -53,12 +62,19 @@ def launched_by_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_distributed(device: str | torch.device | None = None) -> DistInfo:
+def init_distributed(device: str | torch.device | None = None, *, mode: str = "on",
+                     timeout_hours: float | None = None) -> DistInfo:
     """Initialise the default process group when WORLD_SIZE > 1 and pick this rank's device.
 
     `device` None/'auto': CUDA device LOCAL_RANK when CUDA is present, else CPU. The backend is NCCL for
-    CUDA devices and gloo otherwise. Safe to call when the group already exists.
+    CUDA devices and gloo otherwise. Safe to call when the group already exists (`owns_group` is then False).
+    `mode`: 'on' a group whenever WORLD_SIZE > 1 (torchrun also sets MASTER_ADDR/PORT); 'auto' only when
+    MASTER_ADDR is set too, so ranks launched without a rendezvous (e.g. a SLURM array setting RANK and
+    WORLD_SIZE only) work alone; 'off' never (every rank works alone). `timeout_hours`: how long the group's
+    collectives, e.g. a barrier, wait for the slowest rank (None: torch's default).
     """
+    if mode not in GROUP_MODES:
+        raise ConfigError(f"distributed mode must be one of {', '.join(GROUP_MODES)}, got '{mode}'")
     rank, local_rank, world = env_info()
     dev = resolve_device(device)
     if dev.type == "cuda":
@@ -66,13 +82,18 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
         index = local_rank % max(n, 1) if dev.index is None else dev.index
         dev = torch.device(dev.type, index)
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    wanted = world > 1 and (mode == "on" or (mode == "auto" and "MASTER_ADDR" in os.environ))
+    owns = False
+    if wanted and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs: dict[str, Any] = {}
         if dev.type == "cuda":
             kwargs["device_id"] = dev
+        if timeout_hours is not None:
+            kwargs["timeout"] = datetime.timedelta(hours=timeout_hours)
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world, **kwargs)
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=dev)
+        owns = True
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=dev, owns_group=owns)
 
 
 def destroy_distributed() -> None:
@@ -82,19 +103,13 @@ def destroy_distributed() -> None:
 
 
 def is_dist() -> bool:
+    """A process group of more than one rank exists."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def get_rank() -> int:
-    return dist.get_rank() if is_dist() else 0
-
-
 def get_world_size() -> int:
+    """Ranks in the process group (1 without one)."""
     return dist.get_world_size() if is_dist() else 1
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
 
 
 def barrier() -> None:

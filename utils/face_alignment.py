@@ -13,21 +13,27 @@ The procedure (docs/preprocessing.md has the full account):
 No rotation is applied: the crop is an axis-aligned square of side (7/3)·s_pos original pixels
 centred on (tx, H − ty) (continuous coordinates), so head roll stays in the picture.
 `CropBox` holds that square; it can be built from landmarks or directly from (centre, size), e.g.
-after temporal smoothing in a video.
+after temporal smoothing in a video. The detectors that find the landmarks (`MTCNNDetector`,
+`FileLandmarks`) are in utils/face_detectors.py and importable from here.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from utils.cameras import FOCAL_EG3D_LABEL, frontal_camera, look_at_cameras
 from utils.errors import NoFaceError
+from utils.face_detectors import Face, FileLandmarks, LandmarkDetector, MTCNNDetector, as_landmarks
+
+__all__ = ["AlignedFace", "CropBox", "EMPIRICAL_LANDMARKS_512", "Face", "FileLandmarks", "LANDMARK_NAMES",
+           "LandmarkDetector", "MTCNNDetector", "STANDARD_LANDMARKS_3D", "TEMPLATE_LANDMARKS_512", "align_face",
+           "camera_label_for_crop", "crop_box", "crop_image", "eg3d_crop", "estimate_yaw_pitch", "look_at_angles",
+           "map_points_to_crop", "pos_fit", "pos_fit_affine"]
 
 # Five standard 3D landmarks (Deep3DFaceRecon `load_lm3d` of BFM `similarity_Lm3D_all.mat`), rows
 # eyeL, eyeR, nose, mouthL, mouthR; BFM decimetres, y up, z toward the camera. The values are float32
@@ -68,17 +74,6 @@ EMPIRICAL_LANDMARKS_512: np.ndarray = np.array(
 _MAX_FULL_RESIZE_PIXELS = 36_000_000
 
 
-def _as_landmarks(landmarks: Any) -> np.ndarray:
-    lm = np.asarray(landmarks, dtype=np.float64)
-    if lm.shape == (10,):
-        lm = lm.reshape(5, 2)
-    if lm.shape != (5, 2):
-        raise ValueError(f"expected 5×2 landmarks (eyeL, eyeR, nose, mouthL, mouthR), got shape {lm.shape}")
-    if not np.all(np.isfinite(lm)):
-        raise ValueError("landmarks contain NaN or inf")
-    return lm
-
-
 # --------------------------------------------------------------------------------------------------
 # POS fit and the crop box
 # --------------------------------------------------------------------------------------------------
@@ -94,7 +89,7 @@ def pos_fit_affine(landmarks: Any, image_height: int) -> tuple[np.ndarray, np.nd
         (a, b, t): a, b the 3-vectors of the x and y' rows, t = (tx, ty) where the template origin
         projects, in the y-up frame y' = H − 1 − y.
     """
-    lm = _as_landmarks(landmarks)
+    lm = as_landmarks(landmarks)
     x = lm[:, 0]
     y_up = (image_height - 1) - lm[:, 1]
     design = np.concatenate([STANDARD_LANDMARKS_3D, np.ones((5, 1))], axis=1)  # 5×4
@@ -278,56 +273,10 @@ def look_at_angles(yaw: float, pitch: float) -> tuple[float, float]:
     return math.pi / 2 + yaw, math.pi / 2 * (1.0 + math.sin(pitch))
 
 
-FOCAL_EG3D_LABEL_FALLBACK = 4.2647
-_RADIUS = 2.7
-_PIVOT = (0.0, 0.0, 0.2)
-
-
-def _look_at_label(horizontal: float, vertical: float) -> list[float]:
-    """EG3D LookAtPoseSampler camera (no noise, radius 2.7, look-at (0,0,0.2), f 4.2647) as 25 floats.
-
-    Used only when utils.cameras is not available.
-    """
-    vertical = min(max(vertical, 1e-5), math.pi - 1e-5)
-    phi = math.acos(1.0 - 2.0 * vertical / math.pi)
-    # The origin lies on a sphere around the world origin, not around the look-at point.
-    origin = _RADIUS * np.array(
-        [math.sin(phi) * math.cos(math.pi - horizontal), math.cos(phi), math.sin(phi) * math.sin(math.pi - horizontal)]
-    )
-    forward = np.array(_PIVOT) - origin
-    forward /= np.linalg.norm(forward)
-    right = -np.cross(np.array([0.0, 1.0, 0.0]), forward)
-    right /= np.linalg.norm(right)
-    down = np.cross(forward, right)
-    down /= np.linalg.norm(down)
-    cam2world = np.eye(4)
-    cam2world[:3, 0], cam2world[:3, 1], cam2world[:3, 2], cam2world[:3, 3] = right, down, forward, origin
-    f = FOCAL_EG3D_LABEL_FALLBACK
-    intr = [f, 0.0, 0.5, 0.0, f, 0.5, 0.0, 0.0, 1.0]
-    return [float(v) for v in cam2world.reshape(-1)] + intr
-
-
-def _cameras_module() -> Any:
-    try:
-        from utils import cameras
-    except ImportError:
-        return None
-    if hasattr(cameras, "look_at_cameras") and hasattr(cameras, "frontal_camera") and hasattr(cameras, "FOCAL_EG3D_LABEL"):
-        return cameras
-    return None
-
-
-def _to_label(value: Any) -> list[float]:
-    if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
-        # Shortest decimal that round-trips in float32: 4.2647 and 2.7 stay readable in dataset.json.
-        out = [float(str(v)) for v in value.detach().cpu().reshape(-1).numpy()]
-    else:
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu().double()
-        out = [float(v) for v in np.asarray(value, dtype=np.float64).reshape(-1)]
-    if len(out) != 25:
-        raise ValueError(f"a camera label has 25 numbers, got {len(out)}")
-    return out
+def _to_label(camera: torch.Tensor) -> list[float]:
+    """A 1×25 float32 camera → 25 floats, each the shortest decimal that round-trips in float32 (4.2647 and
+    2.7 stay readable in dataset.json)."""
+    return [float(str(v)) for v in camera.detach().cpu().reshape(-1).numpy()]
 
 
 def camera_label_for_crop(landmarks: Any = None, estimate_pose: bool = False) -> list[float]:
@@ -338,153 +287,10 @@ def camera_label_for_crop(landmarks: Any = None, estimate_pose: bool = False) ->
     or of the crop), the camera is placed at the rough pose of `estimate_yaw_pitch` with EG3D's
     look-at sampler (radius 2.7, look-at (0, 0, 0.2)).
     """
-    cams = _cameras_module()
     if estimate_pose and landmarks is not None:
         horizontal, vertical = look_at_angles(*estimate_yaw_pitch(landmarks))
-        if cams is not None:
-            return _to_label(cams.look_at_cameras(horizontal, vertical, radius=_RADIUS, pivot=_PIVOT, focal=cams.FOCAL_EG3D_LABEL))
-        return _look_at_label(horizontal, vertical)
-    if cams is not None:
-        return _to_label(cams.frontal_camera(cams.FOCAL_EG3D_LABEL))
-    return _look_at_label(math.pi / 2, math.pi / 2)
-
-
-# --------------------------------------------------------------------------------------------------
-# Detectors
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Face:
-    """One detected face. box: (x0, y0, x1, y1) pixels or None; score in [0,1]; landmarks 5×2 (x right, y down)."""
-
-    box: tuple[float, float, float, float] | None
-    score: float
-    landmarks: np.ndarray
-
-    @property
-    def size(self) -> float:
-        """Box width + height (EG3D picks the face with the largest), from the landmarks if there is no box."""
-        if self.box is not None:
-            x0, y0, x1, y1 = self.box
-        else:
-            (x0, y0), (x1, y1) = self.landmarks.min(axis=0), self.landmarks.max(axis=0)
-        return float((x1 - x0) + (y1 - y0))
-
-
-@runtime_checkable
-class LandmarkDetector(Protocol):
-    """Anything that finds faces: `detect(image, key)` → faces, the one to use first.
-
-    `image` is an RGB PIL image; `key` names it (file name) for detectors that look landmarks up.
-    """
-
-    def detect(self, image: Image.Image, key: str | None = None) -> list[Face]: ...
-
-
-class MTCNNDetector:
-    """facenet-pytorch MTCNN (weights ship in its wheel; fully offline).
-
-    Keeps faces with score ≥ min_confidence, sorted by box width + height, largest first (EG3D's rule).
-    Images whose longer side exceeds `max_side` are detected on a BICUBIC-downscaled copy and the
-    points scaled back (None: always full size).
-    """
-
-    def __init__(self, device: str | torch.device | None = None, min_confidence: float = 0.9, max_side: int | None = 2048):
-        from utils.device import resolve_device
-
-        self.device = resolve_device(device)
-        self.min_confidence = float(min_confidence)
-        self.max_side = max_side
-        self._mtcnn = None
-
-    def _model(self) -> Any:
-        if self._mtcnn is None:
-            from facenet_pytorch import MTCNN
-
-            self._mtcnn = MTCNN(keep_all=True, device=self.device)
-        return self._mtcnn
-
-    def detect(self, image: Image.Image, key: str | None = None) -> list[Face]:
-        image = image.convert("RGB") if image.mode != "RGB" else image
-        scale = 1.0
-        if self.max_side is not None and max(image.size) > self.max_side:
-            scale = self.max_side / max(image.size)
-            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-            image = image.resize(size, resample=Image.BICUBIC)
-        with torch.inference_mode():
-            boxes, probs, points = self._model().detect(image, landmarks=True)
-        if boxes is None or points is None:
-            return []
-        # Under numpy 2, facenet-pytorch returns object arrays: go through Python lists.
-        boxes = np.array(np.asarray(boxes).tolist(), dtype=np.float64).reshape(-1, 4)
-        probs = np.array([float(p) if p is not None else 0.0 for p in np.asarray(probs).reshape(-1).tolist()])
-        points = np.array(np.asarray(points).tolist(), dtype=np.float64).reshape(-1, 5, 2)
-        faces = []
-        for box, p, lm in zip(boxes, probs, points):
-            if p < self.min_confidence:
-                continue
-            if scale != 1.0:
-                box, lm = box / scale, lm / scale
-            faces.append(Face(tuple(float(v) for v in box), float(p), lm))
-        faces.sort(key=lambda f: f.size, reverse=True)
-        return faces
-
-
-def _faces_from_json(obj: Any, where: str) -> list[Face]:
-    """Accepts 10 numbers, 5 pairs, a list of those, {"landmarks": .., "score": .., "box": ..}, or {"faces": [...]}."""
-    if isinstance(obj, dict):
-        if "faces" in obj:
-            return [f for item in obj["faces"] for f in _faces_from_json(item, where)]
-        if "landmarks" in obj:
-            lm = _as_landmarks(obj["landmarks"])
-            box = obj.get("box")
-            return [Face(tuple(float(v) for v in box) if box is not None else None, float(obj.get("score", 1.0)), lm)]
-        raise ValueError(f"{where}: a JSON object needs a 'landmarks' or 'faces' entry")
-    arr = np.asarray(obj, dtype=np.float64)
-    if arr.size % 10 != 0 or arr.size == 0:
-        raise ValueError(f"{where}: expected 10 numbers per face (x y for eyeL, eyeR, nose, mouthL, mouthR), got {arr.size}")
-    return [Face(None, 1.0, _as_landmarks(lm)) for lm in arr.reshape(-1, 5, 2)]
-
-
-class FileLandmarks:
-    """Landmarks given in files instead of detected.
-
-    `source` is either a folder holding, per image, `<stem>.txt` / `<stem>.json` (or `<file name>.txt`
-    / `.json`), or one JSON file mapping image file names or stems to landmarks.
-    TXT: 10 numbers per face (x y per line, EG3D's `batch_mtcnn` layout; commas allowed); several faces
-    follow one another. JSON: see `_faces_from_json`. Faces are used in file order (the first is the
-    main face); coordinates are pixels of the image as loaded (after EXIF rotation).
-    """
-
-    def __init__(self, source: str | Path):
-        self.source = Path(source)
-        self._mapping: dict[str, Any] | None = None
-        if self.source.is_file():
-            self._mapping = json.loads(self.source.read_text())
-            if not isinstance(self._mapping, dict):
-                raise ValueError(f"{self.source}: a landmarks file must map image names to landmarks")
-        elif not self.source.is_dir():
-            raise FileNotFoundError(f"landmarks source '{self.source}' is neither a folder nor a JSON file")
-
-    def detect(self, image: Image.Image, key: str | None = None) -> list[Face]:
-        if key is None:
-            raise ValueError("FileLandmarks needs the image's file name (key) to find its landmarks")
-        name, stem = Path(key).name, Path(key).stem
-        if self._mapping is not None:
-            for k in (name, stem, str(key)):
-                if k in self._mapping:
-                    return _faces_from_json(self._mapping[k], f"{self.source}[{k}]")
-            raise NoFaceError(f"no landmarks for '{name}' in {self.source}")
-        for candidate in (f"{stem}.txt", f"{stem}.json", f"{name}.txt", f"{name}.json"):
-            path = self.source / candidate
-            if path.is_file():
-                text = path.read_text()
-                if path.suffix == ".json":
-                    return _faces_from_json(json.loads(text), str(path))
-                numbers = [float(v) for v in text.replace(",", " ").split()]
-                return _faces_from_json(numbers, str(path))
-        raise NoFaceError(f"no landmarks file for '{name}': expected {self.source / (stem + '.txt')} or .json")
+        return _to_label(look_at_cameras(horizontal, vertical, radius=2.7, pivot=(0.0, 0.0, 0.2), focal=FOCAL_EG3D_LABEL))
+    return _to_label(frontal_camera(FOCAL_EG3D_LABEL))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -535,3 +341,4 @@ def align_face(
         label = camera_label_for_crop(face.landmarks, estimate_pose=estimate_pose)
         out.append(AlignedFace(crop, label, face.landmarks, face.score, box, crop_lm))
     return out
+

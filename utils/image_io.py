@@ -134,6 +134,19 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0).div_(127.5).sub_(1.0)
 
 
+def load_image_tensor(path: str | os.PathLike, resolution: int | None = None,
+                      resample: Image.Resampling = Image.Resampling.BICUBIC) -> torch.Tensor:
+    """Read an image file (see `load_image`) → float32 tensor 1×3×R×R in [-1,1].
+
+    The image is resized to resolution² with `resample` when its size differs (a non-square image is
+    stretched, not cropped); with `resolution` None it keeps its own size (1×3×H×W).
+    """
+    img = load_image(path)
+    if resolution and img.size != (resolution, resolution):
+        img = img.resize((resolution, resolution), resample)
+    return pil_to_tensor(img)
+
+
 def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
     """Float image tensor 3×H×W or 1×3×H×W in [-1,1] → H×W×3 uint8, round((clamp(x,-1,1)+1)·127.5)."""
     if x.dim() == 4:
@@ -185,7 +198,6 @@ def save_png(path: str | os.PathLike, image: ImageLike, compress_level: int = 1)
     with atomic_write(path, "wb", prefix=f".{path.stem}.", suffix=".tmp.png") as fh:
         pil.save(fh, format="PNG", compress_level=compress_level)
     return path
-
 
 
 def list_images(directory: str | os.PathLike) -> list[Path]:

@@ -48,6 +48,20 @@ def _bad_video(path: Path, err: BaseException, when: str) -> BadVideoError:
                          details=str(err))
 
 
+_DECODE_ERRORS = (OSError, RuntimeError, ValueError, IndexError)  # what imageio/ffmpeg raise on a bad file
+
+
+def _open_reader(path: Path):  # -> imageio's FFMPEG reader
+    """imageio's ffmpeg reader of `path`, or BadVideoError naming what is wrong."""
+    import imageio.v2 as imageio
+
+    _check_video_path(path)
+    try:
+        return imageio.get_reader(str(path), format="FFMPEG")
+    except _DECODE_ERRORS as e:
+        raise _bad_video(path, e, "opened") from e
+
+
 class AtomicVideoWriter:
     """Write uint8 H×W×3 frames to `path` (mp4, libx264); the file appears only when closed cleanly.
 
@@ -93,18 +107,12 @@ def read_video_meta(path: str | Path, count: bool = True) -> dict:
     Raises `BadVideoError` (one line; ffmpeg's output in `.details`) if the path is missing, a folder, or not
     a decodable video.
     """
-    import imageio.v2 as imageio
-
     path = Path(path)
-    _check_video_path(path)
-    try:
-        reader = imageio.get_reader(str(path), format="FFMPEG")
-    except (OSError, RuntimeError, ValueError, IndexError) as e:
-        raise _bad_video(path, e, "opened") from e
+    reader = _open_reader(path)
     try:
         meta = reader.get_meta_data()
         n = reader.count_frames() if count else None
-    except (OSError, RuntimeError, ValueError, IndexError) as e:
+    except _DECODE_ERRORS as e:
         raise _bad_video(path, e, "read") from e
     finally:
         reader.close()
@@ -120,14 +128,8 @@ def iter_video_frames(path: str | Path) -> Iterator[np.ndarray]:
 
     Raises `BadVideoError` if the file cannot be opened or its data is corrupt part-way.
     """
-    import imageio.v2 as imageio
-
     path = Path(path)
-    _check_video_path(path)
-    try:
-        reader = imageio.get_reader(str(path), format="FFMPEG")
-    except (OSError, RuntimeError, ValueError, IndexError) as e:
-        raise _bad_video(path, e, "opened") from e
+    reader = _open_reader(path)
     try:
         frames = iter(reader)
         while True:
@@ -135,7 +137,7 @@ def iter_video_frames(path: str | Path) -> Iterator[np.ndarray]:
                 frame = next(frames)
             except StopIteration:
                 return
-            except (OSError, RuntimeError, ValueError, IndexError) as e:
+            except _DECODE_ERRORS as e:
                 raise _bad_video(path, e, "decoded") from e
             yield np.asarray(frame)[..., :3]
     finally:

@@ -182,8 +182,6 @@ def _from_eg3d_pkl(snap: Mapping[str, Any], configs: dict[str, Any]) -> LoadedCh
         "rendering_kwargs": rk,
         "training_set_kwargs": to_plain(dict(snap.get("training_set_kwargs") or {})),
         "eg3d": eg3d,
-        "module_src_chars": {name: len((snap[name] or {}).get("module_src") or "") for name in ("G_ema", "D")
-                             if isinstance(snap.get(name), dict)},
         "config_matched": matched,
     }
     return LoadedCheckpoint("eg3d-pkl", "eg3d", components, cfgs, meta)
