@@ -205,15 +205,7 @@ def _to_u8(images: torch.Tensor) -> np.ndarray:
 
 def output_side(editor: Any) -> int:
     """Side of the editor's rendered image (512 for released weights; smaller for tiny models)."""
-    for name in ("cfg", "config"):
-        cfg = getattr(editor.renderer, name, None)
-        if cfg is not None and hasattr(cfg, "img_resolution"):
-            return int(cfg.img_resolution)
-    from utils.cameras import frontal_camera
-
-    # Any triplane resolution samples fine; one cheap probe render gives the size.
-    probe = editor.render(torch.zeros(1, 96, 8, 8), frontal_camera())["image"]
-    return int(probe.shape[-1])
+    return int(editor.renderer.config.img_resolution)
 
 
 class _CameraPlan:

@@ -207,7 +207,7 @@ def main(cfg: TrainConfig, train_set: Dataset | None = None, val_set: Dataset | 
         loss, terms = s.loss_fn(s_tri, t_tri, s_views, t_views, n)
         logs: dict[str, float] = {}
         if cfg.gan.enabled and cfg.loss.adv > 0 and step >= cfg.gan.start_step:
-            r = s.D.cfg.img_resolution
+            r = s.D.config.img_resolution
             real, ref, fake = d_sized(batch["target"], r), d_sized(batch["reference"], r), s_views["image"][:n].float()
             logs.update(discriminator_step(s.D_ddp, s.opt_d, real, fake, ref, batch["camera"], cfg.loss.r1_gamma,
                                            cfg.optim.grad_clip))
