@@ -31,7 +31,7 @@ import traceback
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -53,12 +53,12 @@ TINY = "tiny-random"  # model name that builds a tiny random model (tests, bench
 class SourceConfig:
     """Where the portraits come from."""
 
-    kind: str = "eg3d"  # eg3d | photos
+    kind: Literal["eg3d", "photos"] = "eg3d"
     network: str = "pretrained_models/ffhqrebalanced512-128.pkl"  # EG3D checkpoint; "tiny-random" for tests
     seeds: str = "0-999"  # ranges and single seeds: "0-999", "0-9,100,200-299"
     truncation_psi: float = 0.7
     truncation_cutoff: int | None = 14
-    camera: str = "random-training"  # random-training (one per sample) | frontal
+    camera: Literal["random-training", "frontal"] = "random-training"  # random-training: one draw per sample
     camera_seed: int = 0  # the camera of seed s is drawn from a generator seeded with camera_seed + s
     photos_dir: str = ""  # kind=photos: aligned portraits + dataset.json (EG3D label format)
     resolution: int = 512  # photos are resized to this when they differ
@@ -92,7 +92,7 @@ class FilterConfig:
     clip_pretrained: str | None = None  # local open_clip weights file (see docs/prompts.md)
     min_directional: float = 0.15  # cos(image change, caption change)
     min_image_similarity: float = 0.7  # cos(source image, edit) — the edit must keep the identity
-    on_all_filtered: str = "skip"  # skip (no edit written) | keep-best (write the best one anyway)
+    on_all_filtered: Literal["skip", "keep-best"] = "skip"  # skip: no edit written; keep-best: the best one anyway
 
 
 @dataclass
@@ -106,7 +106,7 @@ class DatagenConfig:
     threads: int = 1  # torch intra-op CPU threads per rank (torch.set_num_threads); 0 = leave the launcher's
     device: str = "auto"  # auto → cuda:LOCAL_RANK when CUDA is present, else cpu
     fp16: bool = True  # fp16 InstructPix2Pix on CUDA (ignored on CPU)
-    distributed: str = "auto"  # auto: init a process group when WORLD_SIZE>1 and MASTER_ADDR is set | off
+    distributed: Literal["auto", "off"] = "auto"  # auto: init a process group when WORLD_SIZE>1 and MASTER_ADDR is set
     dist_timeout_hours: float = 72.0  # how long finished ranks wait for the others at the final barrier
     progress: bool = True  # tqdm bar on rank 0
 
@@ -186,7 +186,7 @@ class DistInfo:
     group: bool = False  # a torch.distributed process group was initialised here
 
 
-def init_distributed(mode: str = "auto", device: torch.device | None = None, timeout_hours: float = 72.0) -> DistInfo:
+def init_distributed(mode: Literal["auto", "off"] = "auto", device: torch.device | None = None, timeout_hours: float = 72.0) -> DistInfo:
     """Rank info from RANK/WORLD_SIZE/LOCAL_RANK; a gloo (CPU) or NCCL (CUDA) group when launched by torchrun.
 
     Without MASTER_ADDR (e.g. a SLURM array setting RANK/WORLD_SIZE only) each rank works alone:
@@ -253,23 +253,22 @@ def enumerate_inputs(cfg: SourceConfig) -> list[InputItem]:
     if cfg.kind == "eg3d":
         seeds = parse_seeds(cfg.seeds, what="source.seeds")
         return [InputItem(i, f"{_dir_for(cfg, s)}/seed{s:07d}.png", seed=s) for i, s in enumerate(seeds)]
-    if cfg.kind == "photos":
-        root = Path(cfg.photos_dir)
-        labels = read_dataset_labels(root / "dataset.json")
-        items, seen = [], {}
-        for i, rel in enumerate(sorted(labels)):
-            path = root / rel
-            if not path.is_file() and not path.suffix:
-                path = next((q for q in sorted(path.parent.glob(path.name + ".*"))), path)
-            stem = Path(rel).with_suffix("").as_posix() if Path(rel).suffix else rel
-            name = stem.replace("/", "-").replace("_", "-").replace(" ", "-")
-            out_rel = f"{_dir_for(cfg, i)}/{name}.png"
-            if out_rel in seen:
-                raise ConfigError(f"photos '{rel}' and '{seen[out_rel]}' map to the same output name '{out_rel}'")
-            seen[out_rel] = rel
-            items.append(InputItem(i, out_rel, photo=path, label=labels[rel]))
-        return items
-    raise ConfigError(f"source.kind must be 'eg3d' or 'photos', got '{cfg.kind}'")
+    # kind 'photos' (SourceConfig.kind admits no other value; checked when the config loads)
+    root = Path(cfg.photos_dir)
+    labels = read_dataset_labels(root / "dataset.json")
+    items, seen = [], {}
+    for i, rel in enumerate(sorted(labels)):
+        path = root / rel
+        if not path.is_file() and not path.suffix:
+            path = next((q for q in sorted(path.parent.glob(path.name + ".*"))), path)
+        stem = Path(rel).with_suffix("").as_posix() if Path(rel).suffix else rel
+        name = stem.replace("/", "-").replace("_", "-").replace(" ", "-")
+        out_rel = f"{_dir_for(cfg, i)}/{name}.png"
+        if out_rel in seen:
+            raise ConfigError(f"photos '{rel}' and '{seen[out_rel]}' map to the same output name '{out_rel}'")
+        seen[out_rel] = rel
+        items.append(InputItem(i, out_rel, photo=path, label=labels[rel]))
+    return items
 
 
 def shard(items: Sequence[InputItem], rank: int, world_size: int) -> list[InputItem]:
@@ -362,11 +361,9 @@ def render_eg3d(gen: torch.nn.Module, items: Sequence[InputItem], cfg: SourceCon
     for it in items:
         if cfg.camera == "frontal":
             cs.append(cams.frontal_camera().reshape(1, 25).float())
-        elif cfg.camera == "random-training":
+        else:  # random-training
             g = torch.Generator().manual_seed(cfg.camera_seed + int(it.seed))
             cs.append(cams.sample_training_cameras(1, generator=g).reshape(1, 25).float())
-        else:
-            raise ConfigError(f"source.camera must be 'random-training' or 'frontal', got '{cfg.camera}'")
     c = torch.cat(cs)
     ws = gen.mapping(z.to(device), c.to(device), truncation_psi=cfg.truncation_psi, truncation_cutoff=cfg.truncation_cutoff)
     out = gen.synthesis(ws, c.to(device), noise_mode="const", deterministic=True)
@@ -690,8 +687,6 @@ def _generate(cfg: DatagenConfig, device: torch.device, dist: DistInfo, comps: C
     out.mkdir(parents=True, exist_ok=True)
     vocab = load_vocabulary(cfg.edit.vocabulary)
     edit_types = select_edit_types(vocab, cfg.edit.edit_types)
-    if cfg.filter.on_all_filtered not in ("skip", "keep-best"):
-        raise ConfigError("filter.on_all_filtered must be 'skip' or 'keep-best'")
     items = shard(enumerate_inputs(cfg.source), dist.rank, dist.world_size)
     if dist.rank == 0:
         save_config(cfg, out / "datagen_config.yaml.tmp")

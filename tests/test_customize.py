@@ -17,7 +17,7 @@ CUSTOMIZE = ROOT / "configs" / "customize.yaml"
 TINY_OVERRIDES = [
     "train.model.tiny=true", "train.model.init_checkpoint=", "train.data.resolution=64", "train.data.workers=0",
     "train.device=cpu", "train.max_steps=2", "train.log.save_interval=2", "train.log.tqdm=false",
-    "train.loss.lpips_random_backbone=true", "train.log.image_size=32",
+    "train.log.image_size=32",
 ]
 
 
@@ -195,7 +195,7 @@ def test_customize_skips_unmatched_inputs_with_one_warning(tmp_path, capsys, bas
 
 def _record_prompts(monkeypatch) -> list[tuple[list[str], list[bool]]]:
     """Spy on the student's training forwards: (texts, use_text) per call (texts None = reference images)."""
-    from training.train import Student
+    from training.setup import Student
 
     calls: list = []
     forward = Student.forward

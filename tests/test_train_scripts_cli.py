@@ -37,6 +37,9 @@ def _one_error_line(proc: subprocess.CompletedProcess) -> str:
 @pytest.mark.parametrize("argv, expect", [
     (["train", "--config", str(TRAIN_TINY), "data.bogus=1"], "unknown key 'bogus'"),
     (["train", "--config", str(TRAIN_TINY), "--nproc", "2", "optim.lr=fast"], "optim.lr: expected float"),
+    (["train", "--config", str(TRAIN_TINY), "optim.schedule=cosin"],
+     "optim.schedule: 'cosin' is not one of 'constant', 'cosine'"),
+    (["train", "--config", str(TRAIN_TINY), "stop_after=2"], "'stop_after' is no longer a setting"),
     (["customize", "--config", str(CUSTOMIZE), "train.max_steps=many"], "train.max_steps: expected int"),
     (["datagen", "--config", str(DATAGEN_TINY), "edit.nope=1"], "unknown key 'nope'"),
     (["datagen", "--config", str(DATAGEN_TINY), "source.seeds=5-3"], "'5-3' runs backwards"),
@@ -79,7 +82,7 @@ def _summary(out: str) -> dict:
 
 def test_datagen_is_the_module_cli_and_fails_with_failed_units(tmp_path, capsys):
     import train_scripts
-    from pipelines import datagen
+    from tools import datagen
 
     photos = _photos(tmp_path / "photos", broken=True)
     capsys.readouterr()
@@ -98,7 +101,8 @@ def test_datagen_is_the_module_cli_and_fails_with_failed_units(tmp_path, capsys)
 
 def test_datagen_merge_only(tmp_path, capsys):
     import train_scripts
-    from pipelines import datagen
+    from datasets.layout import read_jsonl
+    from tools import datagen
 
     outs = []
     for name in ("a", "b"):  # what a finished shard leaves: an input, its label line and its manifest line
@@ -117,7 +121,7 @@ def test_datagen_merge_only(tmp_path, capsys):
     script_out = capsys.readouterr().out
     assert json.loads(script_out) == json.loads(module_out) and json.loads(script_out)["inputs"] == 1
     assert json.loads((outs[1] / "dataset.json").read_text()) == {"labels": [["ffhq/p0.png", [0.5] * 25]]}
-    assert len(datagen.read_jsonl(outs[1] / "manifest.jsonl")) == 1
+    assert len(read_jsonl(outs[1] / "manifest.jsonl")) == 1
 
 
 def test_malformed_yaml_is_one_line(tmp_path: Path):

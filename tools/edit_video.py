@@ -26,7 +26,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Literal, get_args
 
 import numpy as np
 import torch
@@ -34,8 +34,10 @@ from PIL import Image
 
 from utils.face_alignment import CropBox, LandmarkDetector, crop_box, crop_image, estimate_yaw_pitch
 
-CAMERA_MODES = ("frontal", "frame", "fixed", "orbit")
-NO_FACE_MODES = ("hold", "pass")
+CameraMode = Literal["frontal", "frame", "fixed", "orbit"]
+NoFaceMode = Literal["hold", "pass"]
+CAMERA_MODES: tuple[str, ...] = get_args(CameraMode)
+NO_FACE_MODES: tuple[str, ...] = get_args(NoFaceMode)
 DEFAULT_CHECKPOINT = "pretrained_models/3dpe.pt"
 
 
@@ -61,13 +63,13 @@ class VideoEditConfig:
     focal: render focal length (None: FOCAL_3DPE, the original 3DPE/Live3D cameras).
     """
 
-    camera: str = "frontal"
+    camera: CameraMode = "frontal"
     yaw: float = 0.0
     pitch: float = 0.0
     orbit_frames: int = 120
     batch_size: int = 4
     smooth_radius: int = 4
-    no_face: str = "hold"
+    no_face: NoFaceMode = "hold"
     side_by_side: bool = False
     max_frames: int | None = None
     input_size: int | None = None  # side of the aligned crop fed to the encoder; None: editor.input_resolution
@@ -256,7 +258,7 @@ class VideoEditSummary:
     no_face_mode: str = "hold"
     fps: float = 0.0
     size: tuple[int, int] = (0, 0)
-    camera: str = "frontal"
+    camera: CameraMode = "frontal"
     seconds: float = 0.0
     frames_per_second: float = 0.0
     output_mean_abs_diff: float | None = None
