@@ -60,6 +60,7 @@ def main() -> None:
 
     from training.losses import ALEXNET_FILES
     from training.train import TrainConfig, main as train_main
+    from utils import testing_hooks
     from utils.device import resolve_device
 
     if args.threads:
@@ -74,14 +75,14 @@ def main() -> None:
                           device=str(device), bf16=args.bf16, export_3dpe=False)
         cfg.data.train_root, cfg.data.val_root, cfg.data.val_fraction = str(data), "", 0.0
         cfg.data.batch_size, cfg.data.workers = args.batch, 2
-        cfg.model.init_checkpoint, cfg.model.allow_random_init = "", True
+        cfg.model.init_checkpoint = ""  # full-size networks from random weights: the random_init hook below
         cfg.model.render_chunk = args.render_chunk
-        cfg.loss.lpips_random_backbone = not have_alexnet
         cfg.gan.enabled = not args.no_gan
         cfg.log.log_interval, cfg.log.image_interval, cfg.log.val_interval = 1, 10**9, 10**9
         cfg.log.save_interval, cfg.log.tqdm = 10**9, False
         reset_peak_memory(device)
-        res = train_main(cfg)
+        with testing_hooks.enabled(random_init=True, random_loss_nets=not have_alexnet):
+            res = train_main(cfg)
         peak = peak_memory_mb(device)
         acc = EventAccumulator(str(res.run_dir / "logs"), size_guidance={"scalars": 0})
         acc.Reload()

@@ -141,7 +141,7 @@ class DiscriminatorEpilogue(nn.Module):
 class _DualBase(nn.Module):
     def __init__(self, cfg: DiscriminatorConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.c_dim = cfg.c_dim
         log2 = int(math.log2(cfg.img_resolution))
         if 2**log2 != cfg.img_resolution or log2 < 3:
@@ -168,8 +168,8 @@ class _DualBase(nn.Module):
             x = getattr(self, f"b{res}")(x, img if x is None else None)
         cmap = None
         if self.c_dim > 0:
-            if self.cfg.disc_c_noise > 0:
-                c = c + torch.randn_like(c) * c.std(0) * self.cfg.disc_c_noise
+            if self.config.disc_c_noise > 0:
+                c = c + torch.randn_like(c) * c.std(0) * self.config.disc_c_noise
             cmap = self.mapping(c)
         return self.b4(x, cmap)
 

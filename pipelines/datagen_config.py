@@ -3,7 +3,7 @@ edited and filtered, and how the run is spread over processes; plus the choice o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Literal, Sequence
 
 from datasets.layout import EditType
 from utils.errors import ConfigError
@@ -15,12 +15,12 @@ TINY = "tiny-random"  # model name that builds a tiny random model (tests, bench
 class SourceConfig:
     """Where the portraits come from."""
 
-    kind: str = "eg3d"  # eg3d | photos
+    kind: Literal["eg3d", "photos"] = "eg3d"
     network: str = "pretrained_models/ffhqrebalanced512-128.pkl"  # EG3D checkpoint; "tiny-random" for tests
     seeds: str = "0-999"  # ranges and single seeds: "0-999", "0-9,100,200-299"
     truncation_psi: float = 0.7
     truncation_cutoff: int | None = 14
-    camera: str = "random-training"  # random-training (one per sample) | frontal
+    camera: Literal["random-training", "frontal"] = "random-training"  # random-training: one draw per sample
     camera_seed: int = 0  # the camera of seed s is drawn from a generator seeded with camera_seed + s
     photos_dir: str = ""  # kind=photos: aligned portraits + dataset.json (EG3D label format)
     resolution: int = 512  # photos are resized to this when they differ
@@ -54,7 +54,7 @@ class FilterConfig:
     clip_pretrained: str | None = None  # local open_clip weights file (see docs/prompts.md)
     min_directional: float = 0.15  # cos(image change, caption change)
     min_image_similarity: float = 0.7  # cos(source image, edit) — the edit must keep the identity
-    on_all_filtered: str = "skip"  # skip (no edit written) | keep-best (write the best one anyway)
+    on_all_filtered: Literal["skip", "keep-best"] = "skip"  # skip: no edit written; keep-best: the best one anyway
 
 
 @dataclass

@@ -118,7 +118,7 @@ def render_eg3d(gen: torch.nn.Module, items: Sequence[InputItem], cfg: SourceCon
     """
     from utils import cameras as cams
 
-    z_dim = int(getattr(gen, "z_dim", getattr(getattr(gen, "cfg", None), "z_dim", 512)))
+    z_dim = int(gen.config.z_dim)
     z = torch.from_numpy(np.stack([np.random.RandomState(it.seed).randn(z_dim) for it in items])).float()
     cs = []
     for it in items:

@@ -141,12 +141,12 @@ class PortraitEditor:
         """'mae', 'clip' or None (reconstruction)."""
         if not self.is_editing:
             return None
-        return getattr(getattr(self.encoder, "config", None), "prompt_encoder", "mae")
+        return self.encoder.config.prompt_encoder
 
     @property
     def input_resolution(self) -> int:
         """Image side the encoder expects (512 for released weights)."""
-        return int(getattr(getattr(self.encoder, "config", None), "input_resolution", 512))
+        return int(self.encoder.config.input_resolution)
 
     def _autocast(self):
         if self.precision == "bf16":

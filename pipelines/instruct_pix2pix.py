@@ -19,7 +19,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ class InstructPix2PixConfig:
     guidance_scale: float = 7.5
     image_guidance_scale: float = 1.5
     seed: int = 0
-    dtype: str = "auto"
+    dtype: Literal["auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16"] = "auto"
     resolution: int = 512
     batch_size: int = 4
     disable_safety_checker: bool = True

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, get_args, Iterable, Literal
 
 import numpy as np
 import torch
@@ -26,8 +26,10 @@ from pipelines.crop_tracking import CentredWindowSmoother, FrameTrack
 from utils.face_alignment import LandmarkDetector, crop_box, crop_image, estimate_yaw_pitch
 from utils.image_io import pil_to_tensor, tensor_to_uint8
 
-CAMERA_MODES = ("frontal", "frame", "fixed", "orbit")
-NO_FACE_MODES = ("hold", "pass")
+CameraMode = Literal["frontal", "frame", "fixed", "orbit"]
+NoFaceMode = Literal["hold", "pass"]
+CAMERA_MODES: tuple[str, ...] = get_args(CameraMode)
+NO_FACE_MODES: tuple[str, ...] = get_args(NoFaceMode)
 
 
 @dataclass
@@ -52,13 +54,13 @@ class VideoEditConfig:
     focal: render focal length (None: FOCAL_3DPE, the original 3DPE/Live3D cameras).
     """
 
-    camera: str = "frontal"
+    camera: CameraMode = "frontal"
     yaw: float = 0.0
     pitch: float = 0.0
     orbit_frames: int = 120
     batch_size: int = 4
     smooth_radius: int = 4
-    no_face: str = "hold"
+    no_face: NoFaceMode = "hold"
     side_by_side: bool = False
     max_frames: int | None = None
     input_size: int | None = None  # side of the aligned crop fed to the encoder; None: editor.input_resolution
@@ -95,15 +97,7 @@ def _resize_u8(arr: np.ndarray, side: int) -> np.ndarray:
 
 def output_side(editor: Any) -> int:
     """Side of the editor's rendered image (512 for released weights; smaller for tiny models)."""
-    for name in ("cfg", "config"):
-        cfg = getattr(editor.renderer, name, None)
-        if cfg is not None and hasattr(cfg, "img_resolution"):
-            return int(cfg.img_resolution)
-    from utils.cameras import frontal_camera
-
-    # Any triplane resolution samples fine; one cheap probe render gives the size.
-    probe = editor.render(torch.zeros(1, 96, 8, 8), frontal_camera())["image"]
-    return int(probe.shape[-1])
+    return int(editor.renderer.config.img_resolution)
 
 
 class CameraPlan:
@@ -155,7 +149,7 @@ class VideoEditSummary:
     no_face_mode: str = "hold"
     fps: float = 0.0
     size: tuple[int, int] = (0, 0)
-    camera: str = "frontal"
+    camera: CameraMode = "frontal"
     seconds: float = 0.0
     frames_per_second: float = 0.0
     output_mean_abs_diff: float | None = None

@@ -456,13 +456,13 @@ def tiny_eg3d():
 
 def write_nvidia_pkl(path: Path, g: nn.Module, d: nn.Module) -> None:
     with nvidia_modules() as ns:
-        kw = eg3d_init_kwargs(ns, g.cfg)
+        kw = eg3d_init_kwargs(ns, g.config)
         extra = {"_init_args": (), "_init_kwargs": kw, "rendering_kwargs": ns.EasyDict(kw["rendering_kwargs"]),
-                 "neural_rendering_resolution": g.cfg.neural_rendering_resolution, "_last_planes": None,
-                 "z_dim": np.int64(g.cfg.z_dim)}
-        d_kw = ns.EasyDict(c_dim=25, img_resolution=d.cfg.img_resolution, img_channels=3,
-                           channel_base=d.cfg.channel_base, channel_max=d.cfg.channel_max,
-                           mapping_kwargs=ns.EasyDict(num_layers=d.cfg.mapping_layers))
+                 "neural_rendering_resolution": g.config.neural_rendering_resolution, "_last_planes": None,
+                 "z_dim": np.int64(g.config.z_dim)}
+        d_kw = ns.EasyDict(c_dim=25, img_resolution=d.config.img_resolution, img_channels=3,
+                           channel_base=d.config.channel_base, channel_max=d.config.channel_max,
+                           mapping_kwargs=ns.EasyDict(num_layers=d.config.mapping_layers))
         snap = {"training_set_kwargs": ns.EasyDict(resolution=64), "G": as_nvidia(g, ns, dict(extra)),
                 "D": as_nvidia(d, ns, {"_init_args": (), "_init_kwargs": d_kw}),
                 "G_ema": as_nvidia(g, ns, dict(extra)), "augment_pipe": None}
@@ -480,16 +480,16 @@ def test_eg3d_pkl_convert_and_build(tmp_path, tiny_eg3d, capsys):
     assert_same_sd(c.components["generator"], g.state_dict())
     assert_same_sd(c.components["discriminator"], d.state_dict())
     assert c.meta["config_matched"] == {"generator": True, "discriminator": True}
-    assert c.meta["neural_rendering_resolution"] == g.cfg.neural_rendering_resolution
+    assert c.meta["neural_rendering_resolution"] == g.config.neural_rendering_resolution
 
     r = run_cli(pkl, tmp_path / "proj")
     assert r.returncode == 0, r.stderr
     back = ck.load_checkpoint(tmp_path / "proj")
     assert back.model_type == "eg3d" and back.meta["format"] == "eg3d-pkl"
-    assert back.meta["eg3d"]["G_init_kwargs"]["mapping_kwargs"]["num_layers"] == g.cfg.mapping_layers
+    assert back.meta["eg3d"]["G_init_kwargs"]["mapping_kwargs"]["num_layers"] == g.config.mapping_layers
     assert_same_sd(back.components["generator"], g.state_dict())
     g2 = ck.build_models(back)["generator"]
-    z, c_ = torch.randn(1, g.cfg.z_dim), torch.zeros(1, 25)
+    z, c_ = torch.randn(1, g.config.z_dim), torch.zeros(1, 25)
     with torch.no_grad():
         ws = g.mapping(z, c_)
         assert torch.equal(g2.mapping(z, c_), ws)
@@ -502,7 +502,7 @@ def test_eg3d_pkl_convert_and_build(tmp_path, tiny_eg3d, capsys):
     assert list(obj) == ["G_init_args", "G_init_kwargs", "G", "G_neural_rendering_resolution",
                          "G_renderinig_kwargs", "D_init_args", "D_init_kwargs", "D"]
     assert "dataset_label_std" not in obj["G"] and len(obj["G"]) == len(g.state_dict()) - 1
-    assert obj["G_init_kwargs"].mapping_kwargs.num_layers == g.cfg.mapping_layers  # an EasyDict
+    assert obj["G_init_kwargs"].mapping_kwargs.num_layers == g.config.mapping_layers  # an EasyDict
     with zipfile.ZipFile(tmp_path / "eg3d.pth") as z:
         assert b"dnnlib.util\nEasyDict" in z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
     c3 = ck.load_checkpoint(tmp_path / "eg3d.pth")
@@ -516,7 +516,7 @@ def test_converted_pth_written_by_original_layout(tmp_path, tiny_eg3d):
     g, _ = tiny_eg3d
     sd = collections.OrderedDict((k, v) for k, v in g.state_dict().items() if k != "dataset_label_std")
     with nvidia_modules() as ns:
-        kw = eg3d_init_kwargs(ns, g.cfg)
+        kw = eg3d_init_kwargs(ns, g.config)
         obj = {"G_init_args": (), "G_init_kwargs": ns.EasyDict(kw), "G": sd, "G_neural_rendering_resolution": 16,
                "G_renderinig_kwargs": kw["rendering_kwargs"], "D_init_args": (), "D_init_kwargs": ns.EasyDict(),
                "D": collections.OrderedDict()}

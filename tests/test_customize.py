@@ -17,7 +17,7 @@ CUSTOMIZE = ROOT / "configs" / "customize.yaml"
 TINY_OVERRIDES = [
     "train.model.tiny=true", "train.model.init_checkpoint=", "train.data.resolution=64", "train.data.workers=0",
     "train.device=cpu", "train.max_steps=2", "train.log.save_interval=2", "train.log.tqdm=false",
-    "train.loss.lpips_random_backbone=true", "train.log.image_size=32",
+    "train.log.image_size=32",
 ]
 
 

@@ -81,7 +81,7 @@ def test_renderer_shapes_and_broadcast():
 
 def _reference_render(r: TriplaneRenderer, planes: torch.Tensor, cams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The original algorithm written with the reference pieces (grid_sample, OSGDecoder.forward, MipRayMarcher2)."""
-    cfg = r.cfg.rendering
+    cfg = r.config.rendering
     res = r.neural_rendering_resolution
     o, d = sample_rays(cams[:, :16].view(-1, 4, 4), cams[:, 16:].view(-1, 3, 3), res)
     n, m, _ = o.shape

@@ -34,7 +34,7 @@ def tiny_generator():
 @pytest.fixture(scope="module")
 def tiny_network(tmp_path_factory, tiny_generator):
     d = tmp_path_factory.mktemp("net") / "tiny-eg3d"
-    ck.save_pretrained(d, {"generator": tiny_generator.state_dict()}, "eg3d", {"generator": tiny_generator.cfg},
+    ck.save_pretrained(d, {"generator": tiny_generator.state_dict()}, "eg3d", {"generator": tiny_generator.config},
                        {"format": "test"})
     return d
 
@@ -53,7 +53,7 @@ def test_cli_writes_png_and_tensors(tmp_path, tiny_network, tiny_generator):
                         "--outdir", str(out), "--yaws", "-20", "0", "20", "--pitch", "5", "--save-tensors",
                         "--device", "cpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    cfg = tiny_generator.cfg
+    cfg = tiny_generator.config
     res, raw, p = cfg.img_resolution, cfg.neural_rendering_resolution, cfg.plane_resolution
     for seed in (11, 12):
         png = Image.open(out / f"seed{seed:04d}.png")
@@ -69,7 +69,7 @@ def test_cli_writes_png_and_tensors(tmp_path, tiny_network, tiny_generator):
         got = torch.from_numpy(np.array(png)).permute(2, 0, 1)
         for v in range(3):
             assert torch.equal(got[:, :, v * res:(v + 1) * res], want[v])
-        ray = tiny_generator.cfg.rendering
+        ray = tiny_generator.config.rendering
         assert t["image_depth"].min() >= ray.ray_start - 1e-4 and t["image_depth"].max() <= ray.ray_end + 1e-4
     a, b = load_file(str(out / "seed0011.safetensors")), load_file(str(out / "seed0012.safetensors"))
     assert not torch.equal(a["planes"], b["planes"])  # different seeds, different z
@@ -84,14 +84,14 @@ def test_views_match_single_renders_and_pth_network(tmp_path, tiny_generator, ca
     from utils.cameras import FOCAL_EG3D_LABEL, look_at_cameras
 
     ck.write_eg3d_pth(tmp_path / "g.pth", tiny_generator.state_dict(),
-                      *ck.eg3d_kwargs_from_config(tiny_generator.cfg),
-                      neural_rendering_resolution=tiny_generator.cfg.neural_rendering_resolution)
+                      *ck.eg3d_kwargs_from_config(tiny_generator.config),
+                      neural_rendering_resolution=tiny_generator.config.neural_rendering_resolution)
     rc = main(["--network", str(tmp_path / "g.pth"), "--seeds", "3", "--outdir", str(tmp_path / "o"),
                "--yaws", "10", "--trunc", "1", "--save-tensors", "--device", "cpu"])
     assert rc == 0, capsys.readouterr().err
     t = load_file(str(tmp_path / "o" / "seed0003.safetensors"))
     g = tiny_generator
-    z = torch.from_numpy(np.random.RandomState(3).randn(1, g.cfg.z_dim)).float()
+    z = torch.from_numpy(np.random.RandomState(3).randn(1, g.config.z_dim)).float()
     with torch.no_grad():
         ws = g.mapping(z, look_at_cameras(math.pi / 2, math.pi / 2, focal=FOCAL_EG3D_LABEL), truncation_psi=1.0)
         planes = g.synthesize_planes(ws, noise_mode="const")

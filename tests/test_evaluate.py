@@ -137,7 +137,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     editor = PortraitEditor.random_init(tiny=True, seed=0, device="cpu")
     return save_pretrained(tmp_path_factory.mktemp("ckpt") / "tiny", {
         "encoder": editor.encoder.state_dict(), "renderer": editor.renderer.state_dict()}, "3dpe",
-        {"encoder": editor.encoder.config, "renderer": editor.renderer.cfg}, {"test": True})
+        {"encoder": editor.encoder.config, "renderer": editor.renderer.config}, {"test": True})
 
 
 def _eval_data(root: Path, n: int = 3) -> Path:

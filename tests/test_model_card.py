@@ -126,7 +126,7 @@ def test_converter_cards(tmp_path, monkeypatch, tiny_original_architectures):
     assert_hub_parses(tmp_path / "proj")
 
     g = TriPlaneGenerator(GeneratorConfig.tiny())
-    pth = ck.write_eg3d_pth(tmp_path / "eg3d.pth", g.state_dict(), *ck.eg3d_kwargs_from_config(g.cfg))
+    pth = ck.write_eg3d_pth(tmp_path / "eg3d.pth", g.state_dict(), *ck.eg3d_kwargs_from_config(g.config))
     assert main([str(pth), str(tmp_path / "eg3d")]) == 0
     card = read_model_card(tmp_path / "eg3d")
     meta = card["metadata"]

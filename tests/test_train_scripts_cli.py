@@ -39,6 +39,9 @@ def _one_error_line(proc: subprocess.CompletedProcess) -> str:
 @pytest.mark.parametrize("argv, expect", [
     (["train", "--config", str(TRAIN_TINY), "data.bogus=1"], "unknown key 'bogus'"),
     (["train", "--config", str(TRAIN_TINY), "--nproc", "2", "optim.lr=fast"], "optim.lr: expected float"),
+    (["train", "--config", str(TRAIN_TINY), "optim.schedule=cosin"],
+     "optim.schedule: 'cosin' is not one of 'constant', 'cosine'"),
+    (["train", "--config", str(TRAIN_TINY), "stop_after=2"], "'stop_after' is no longer a setting"),
     (["customize", "--config", str(CUSTOMIZE), "train.max_steps=many"], "train.max_steps: expected int"),
     (["datagen", "--config", str(DATAGEN_TINY), "edit.nope=1"], "unknown key 'nope'"),
     (["datagen", "--config", str(DATAGEN_TINY), "source.seeds=5-3"], "'5-3' runs backwards"),

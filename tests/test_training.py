@@ -57,11 +57,13 @@ def runs(tmp_path_factory):
     4 portraits, 1 held out → 6 pairs → 3 steps per epoch: the resumed part crosses an epoch boundary.
     """
     from training.train import main
+    from utils import testing_hooks
 
     tmp = tmp_path_factory.mktemp("train")
     data = make_tiny_dataset(tmp / "data", n_portraits=4)
     full = main(tiny_config(data, tmp / "exps", "full"))
-    stopped = main(tiny_config(data, tmp / "exps", "resumed", "stop_after=2"))
+    with testing_hooks.enabled(stop_after=2):  # killed after step 2
+        stopped = main(tiny_config(data, tmp / "exps", "resumed"))
     stopped_state = _state(stopped.encoder)
     resumed = main(tiny_config(data, tmp / "exps", "resumed", "resume=auto"))
     return {"data": data, "tmp": tmp, "full": full, "stopped": stopped, "resumed": resumed,
@@ -276,7 +278,7 @@ def test_loss_nets_name_missing_weights(tmp_path):
     assert ALEXNET_URL in str(e.value)
     with pytest.raises(MissingWeightsError, match="model_ir_se50.pth"):
         IDLoss(tmp_path)
-    crit = DistillationLoss(LossConfig(weights_dir=str(tmp_path), lpips_random_backbone=True))
+    crit = DistillationLoss(LossConfig(weights_dir=str(tmp_path)), random_nets=True)
     assert crit.id_loss is None  # weight 0: the ID net is never built
 
 

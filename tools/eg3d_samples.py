@@ -32,10 +32,8 @@ from utils.errors import ThreeDPEError
 
 
 def _camera_geometry(gen: nn.Module) -> tuple[float, tuple[float, float, float]]:
-    rendering = getattr(getattr(gen, "cfg", None), "rendering", None)
-    radius = float(getattr(rendering, "avg_camera_radius", 2.7))
-    pivot = tuple(float(v) for v in getattr(rendering, "avg_camera_pivot", (0.0, 0.0, 0.2)))
-    return radius, pivot  # type: ignore[return-value]
+    rendering = gen.config.rendering
+    return float(rendering.avg_camera_radius), tuple(float(v) for v in rendering.avg_camera_pivot)  # type: ignore[return-value]
 
 
 @torch.inference_mode()
@@ -54,7 +52,7 @@ def sample_seed(
     from utils.cameras import FOCAL_EG3D_LABEL, look_at_cameras
 
     device = next(gen.parameters()).device
-    z_dim = int(getattr(getattr(gen, "cfg", None), "z_dim", 512))
+    z_dim = int(gen.config.z_dim)
     z = torch.from_numpy(np.random.RandomState(seed).randn(1, z_dim)).to(device=device, dtype=torch.float32)
     radius, pivot = _camera_geometry(gen)
     c_cond = look_at_cameras(math.pi / 2, math.pi / 2, radius=radius, pivot=pivot, focal=FOCAL_EG3D_LABEL).to(device)

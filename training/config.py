@@ -8,7 +8,9 @@ the `loss` section is `training.losses.LossConfig`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
+from models.editing.editing_encoder import PromptEncoderKind
 from training.losses import LossConfig
 
 
@@ -31,19 +33,21 @@ class DataConfig:
 class ModelConfig:
     """Which networks, initialised from where, and what trains."""
 
-    tiny: bool = False                          # tiny random-init models (tests)
+    tiny: bool = False                          # tiny random-init models and loss nets (tests, smoke runs)
     init_checkpoint: str = "pretrained_models/encoder_render_LT_90000.pt"  # Live3D LT: teacher, student init, renderer
     student_checkpoint: str = ""                # start the student (+ renderer) from a 3DPE/project checkpoint
     mae_pretrain: str = ""                      # e.g. pretrained_models/mae_pretrain_vit_base.pth (MAE branch)
-    prompt_encoder: str = "mae"                 # 'mae' | 'clip'
+    prompt_encoder: PromptEncoderKind = "mae"
     text_prompt_prob: float = 0.5               # clip: chance that a sample's prompt is its instruction text
     clip_model: str = "ViT-B-16"                # clip: open_clip architecture
     clip_pretrained: str = "pretrained_models/open_clip_vit_b16.bin"  # clip: tower weights (file, folder or tag)
     trainable: list[str] = field(default_factory=lambda: ["Final_encoder", "Ref_encoder"])
     frozen_dropout: bool = False                # True: frozen ASPP dropout stays active, as in the original
     find_unused_parameters: bool = False        # DDP option (needed when a trainable branch can go unused)
-    allow_random_init: bool = False             # full-size models without init_checkpoint (benchmarks only)
     render_chunk: int = 0                       # >0: checkpointed student rendering, this many views per chunk
+
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {
+        "allow_random_init": "benchmarks set random_init in THREEDPE_TEST_HOOKS (utils/testing_hooks.py)"}
 
 
 @dataclass
@@ -54,7 +58,7 @@ class OptimConfig:
     lr_d: float = 1e-5                          # Adam over the discriminator
     betas_d: tuple[float, float] = (0.5, 0.999)
     grad_clip: float = 0.0                      # max grad norm for student and D; 0 = off (the original)
-    schedule: str = "constant"                  # 'constant' | 'cosine' (over max_steps)
+    schedule: Literal["constant", "cosine"] = "constant"  # cosine: over the run's total steps
 
 
 @dataclass
@@ -85,10 +89,12 @@ class TrainConfig:
     bf16: bool = False                          # bf16 autocast for encoders and renderer
     resume: str = ""                            # '' fresh | 'auto' newest checkpoint of this run | a checkpoint dir
     export_3dpe: bool = True                    # also write the original 3dpe.pt layout at the end
-    stop_after: int = 0                         # stop (as if killed) after this step; 0 = off (tests, preemption)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     gan: GanConfig = field(default_factory=GanConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {
+        "stop_after": "tests set stop_after in THREEDPE_TEST_HOOKS (utils/testing_hooks.py)"}

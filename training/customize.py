@@ -27,12 +27,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from pipelines.instruct_pix2pix import InstructPix2PixConfig
 from training.train import TrainConfig, TrainResult, main as train_main
 from utils.config import load_config
 from utils.errors import ConfigError
 
 
 def _customize_train_defaults() -> TrainConfig:
+    """The customisation run's training defaults (the one place they live; `configs/customize.yaml` only
+    documents the keys): TrainConfig's, except a short, validation-free run from a trained model."""
     cfg = TrainConfig(name="custom", epochs=100000, max_steps=300, export_3dpe=False)
     cfg.data.val_root = ""
     cfg.data.val_fraction = 0.0
@@ -55,7 +58,7 @@ class CustomizeConfig:
     pairs: str = ""
     base: str = "pretrained_models/3dpe.pt"
     instruction: str = ""                       # non-empty: edit DIR/input/ with InstructPix2Pix
-    ip2p: dict = field(default_factory=dict)    # fields of pipelines.instruct_pix2pix.InstructPix2PixConfig
+    ip2p: InstructPix2PixConfig = field(default_factory=InstructPix2PixConfig)  # the edits for `instruction`
     default_focal: float = 4.2647               # FOCAL_EG3D_LABEL, for inputs without a label
     train: TrainConfig = field(default_factory=_customize_train_defaults)
 
@@ -159,7 +162,7 @@ def _adopt_base_prompt_encoder(t: TrainConfig, base: str) -> None:
         return
     t.model.prompt_encoder = kind
     if kind == "clip":
-        t.model.clip_model = str(enc_cfg.clip.get("model_name", t.model.clip_model))
+        t.model.clip_model = enc_cfg.clip.model_name
         t.model.clip_pretrained = ""
 
 
@@ -208,11 +211,9 @@ def main(cfg: CustomizeConfig, editor: Any = None) -> TrainResult:
 
         if init_distributed(t.device or None).is_main:  # the other ranks wait for rank 0's edits
             if editor is None:
-                from pipelines.instruct_pix2pix import InstructPix2PixConfig, InstructPix2PixEditor
-                from utils.config import from_dict
+                from pipelines.instruct_pix2pix import InstructPix2PixEditor
 
-                editor = InstructPix2PixEditor(from_dict(InstructPix2PixConfig, dict(cfg.ip2p)),
-                                               device=t.device or None)
+                editor = InstructPix2PixEditor(cfg.ip2p, device=t.device or None)
             make_edits(input_dir, edited_dir, cfg.instruction, editor, t.data.resolution)
         barrier()
         from utils.atomic import atomic_write_text

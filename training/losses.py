@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +38,10 @@ class LossConfig:
     r1_gamma: float = 1.0
     multiview: bool = True          # the same terms again at a random camera per sample
     weights_dir: str = "pretrained_models"
-    lpips_random_backbone: bool = False   # tests: random AlexNet (lpips' pnet_rand=True), no file needed
-    id_random_init: bool = False          # tests: random IR-SE50
+
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {
+        k: "model.tiny=true (or random_loss_nets in THREEDPE_TEST_HOOKS) builds random loss nets"
+        for k in ("lpips_random_backbone", "id_random_init")}
 
 
 # ---------------------------------------------------------------------------------------------- LPIPS
@@ -108,13 +111,14 @@ class DistillationLoss(nn.Module):
     random camera (`image` 2N×3×R², `image_raw` 2N×3×r², `image_depth` 2N×1×r², `feature_image` 2N×32×r²).
     Returns (weighted total, {term: unweighted value}); multi-view terms carry the prefix `mv_`.
     The LPIPS net is built only when its weight is > 0, the ID net only when its weight is > 0.
+    `random_nets`: a random AlexNet backbone and a random IR-SE50 instead of the weight files (tiny models, tests).
     """
 
-    def __init__(self, cfg: LossConfig):
+    def __init__(self, cfg: LossConfig, random_nets: bool = False):
         super().__init__()
-        self.cfg = cfg
-        self.lpips = build_lpips(cfg.weights_dir, cfg.lpips_random_backbone) if cfg.lpips > 0 else None
-        self.id_loss = IDLoss(cfg.weights_dir, cfg.id_random_init) if cfg.id > 0 else None
+        self.config = cfg
+        self.lpips = build_lpips(cfg.weights_dir, random_nets) if cfg.lpips > 0 else None
+        self.id_loss = IDLoss(cfg.weights_dir, random_nets) if cfg.id > 0 else None
 
     def _lpips(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if a.shape[-1] < 32:  # AlexNet's pooling needs ≥32 px; only tiny test configs render smaller
@@ -138,7 +142,7 @@ class DistillationLoss(nn.Module):
         return out
 
     def weighted_view(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        c = self.cfg
+        c = self.config
         total = c.l1 * (terms["l1_image"] + terms["l1_raw"]) + c.depth * terms["depth"]
         if c.feature > 0:
             total = total + c.feature * terms["feature"]
@@ -157,11 +161,11 @@ class DistillationLoss(nn.Module):
         n: int,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         terms: dict[str, torch.Tensor] = {"tri": F.l1_loss(student_tri.float(), teacher_tri.float())}
-        total = self.cfg.tri * terms["tri"]
+        total = self.config.tri * terms["tri"]
         first = self.view_terms(student, teacher, slice(0, n))
         terms.update(first)
         total = total + self.weighted_view(first)
-        if self.cfg.multiview:
+        if self.config.multiview:
             mv = self.view_terms(student, teacher, slice(n, 2 * n))
             terms.update({f"mv_{k}": v for k, v in mv.items()})
             total = total + self.weighted_view(mv)

@@ -24,6 +24,7 @@ from training.config import TrainConfig
 from training.losses import DistillationLoss
 from utils import distributed as du
 from utils.errors import ConfigError
+from utils.testing_hooks import hooks
 
 RENDER_KEYS = ("image", "image_raw", "image_depth", "feature_image")
 
@@ -87,6 +88,7 @@ def build_networks(cfg: TrainConfig) -> dict[str, Any]:
     """Teacher (Live3D LT), student (editing encoder), the one renderer, and the discriminator (CPU, fp32)."""
     from models.checkpoint import load_checkpoint
     from models.discriminator import DiscriminatorConfig, EditingDualDiscriminator
+    from models.editing.clip_prompt import ClipPromptConfig
     from models.editing.editing_encoder import EditingEncoder, EditingEncoderConfig
     from models.eg3d.config import RendererConfig
     from models.eg3d.triplane_renderer import TriplaneRenderer
@@ -99,7 +101,7 @@ def build_networks(cfg: TrainConfig) -> dict[str, Any]:
         t_cfg = enc_cfg.live3d
         d_cfg = DiscriminatorConfig.tiny(r_cfg.img_resolution)
     else:
-        enc_cfg = EditingEncoderConfig(prompt_encoder=m.prompt_encoder, clip={"model_name": m.clip_model})
+        enc_cfg = EditingEncoderConfig(prompt_encoder=m.prompt_encoder, clip=ClipPromptConfig(model_name=m.clip_model))
         r_cfg = RendererConfig()
         t_cfg = Live3DConfig("LT")
         d_cfg = DiscriminatorConfig(img_resolution=r_cfg.img_resolution)
@@ -115,7 +117,7 @@ def build_networks(cfg: TrainConfig) -> dict[str, Any]:
         renderer.load_state_dict(live3d.components["renderer"], strict=True)
         student.load_live3d_init(live3d.components["encoder"])
         source["init_checkpoint"] = str(m.init_checkpoint)
-    elif not (m.tiny or m.allow_random_init):
+    elif not (m.tiny or hooks().random_init):
         raise ConfigError("model.init_checkpoint is empty: the full-size models need the Live3D LT checkpoint "
                           "(pretrained_models/encoder_render_LT_90000.pt) for the teacher and the renderer")
     if m.mae_pretrain:
@@ -226,12 +228,12 @@ class InfiniteSampler(Sampler):
 
 # ============================================================================================ optimisers
 def lr_lambda(schedule: str, total: int) -> Callable[[int], float]:
-    """The student's learning-rate factor per step: 'constant' (1) or 'cosine' (1 → 0 over `total` steps)."""
-    if schedule == "constant":
-        return lambda s: 1.0
-    if schedule == "cosine":
-        return lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(total, 1)))
-    raise ConfigError(f"optim.schedule must be 'constant' or 'cosine', got {schedule!r}")
+    """The student's learning-rate factor per step: 'constant' (1) or 'cosine' (1 → 0 over `total` steps).
+
+    `schedule` is `OptimConfig.schedule`, whose type admits only these two (checked when the config loads).
+    """
+    return {"constant": lambda s: 1.0,
+            "cosine": lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(total, 1)))}[schedule]
 
 
 # ============================================================================================ the setup
@@ -318,7 +320,7 @@ def build_training(cfg: TrainConfig, train_set: Dataset | None = None,
     # ---- networks: built from the same seed on every rank, then each rank gets its own stream
     torch.manual_seed(cfg.seed)
     nets = build_networks(cfg)
-    loss_fn = DistillationLoss(cfg.loss).to(device)
+    loss_fn = DistillationLoss(cfg.loss, random_nets=cfg.model.tiny or hooks().random_loss_nets).to(device)
     teacher, encoder, renderer, D = nets["teacher"], nets["student"], nets["renderer"], nets["D"]
     teacher.eval().requires_grad_(False).to(device)
     renderer.eval().requires_grad_(False).to(device)

@@ -39,6 +39,7 @@ from training.losses import LossConfig, discriminator_step, g_adv_loss, generato
 from training.setup import IndexedEpochs, TrainingSetup, build_training, set_modes
 from utils import distributed as du
 from utils.config import load_config, save_config
+from utils.testing_hooks import hooks
 
 __all__ = ["DataConfig", "GanConfig", "LogConfig", "LossConfig", "ModelConfig", "OptimConfig", "TrainConfig",
            "TrainResult", "main", "run"]
@@ -165,6 +166,7 @@ def main(cfg: TrainConfig, train_set: Dataset | None = None, val_set: Dataset | 
     """Train (or resume); `train_set`/`val_set` replace the config's data (customize uses this)."""
     s = build_training(cfg, train_set, val_set)
     info, device = s.info, s.device
+    stop_after = hooks().stop_after  # tests: stop as if killed
     writer = None
     if info.is_main:
         s.run_dir.mkdir(parents=True, exist_ok=True)
@@ -207,7 +209,7 @@ def main(cfg: TrainConfig, train_set: Dataset | None = None, val_set: Dataset | 
         loss, terms = s.loss_fn(s_tri, t_tri, s_views, t_views, n)
         logs: dict[str, float] = {}
         if cfg.gan.enabled and cfg.loss.adv > 0 and step >= cfg.gan.start_step:
-            r = s.D.cfg.img_resolution
+            r = s.D.config.img_resolution
             real, ref, fake = d_sized(batch["target"], r), d_sized(batch["reference"], r), s_views["image"][:n].float()
             logs.update(discriminator_step(s.D_ddp, s.opt_d, real, fake, ref, batch["camera"], cfg.loss.r1_gamma,
                                            cfg.optim.grad_clip))
@@ -241,11 +243,11 @@ def main(cfg: TrainConfig, train_set: Dataset | None = None, val_set: Dataset | 
         # ---- checkpoint: (epoch, position) names the next batch, as the sampler will produce it
         if position == s.steps_per_epoch:
             epoch, position = epoch + 1, 0
-        last = step >= s.total_steps or (cfg.stop_after and step >= cfg.stop_after)
+        last = step >= s.total_steps or (stop_after and step >= stop_after)
         if step % cfg.log.save_interval == 0 or last:
             save(s, cfg, step, epoch, position)
         if last:
-            stopped = step < s.total_steps  # stopped by `stop_after`, as if killed
+            stopped = step < s.total_steps  # stopped by the `stop_after` test hook, as if killed
             break
 
     # ---- finish: slim inference snapshot (+ the original 3dpe.pt layout)

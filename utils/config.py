@@ -2,6 +2,12 @@
 
     cfg = load_config(TrainConfig, "configs/train.yaml", ["optim.lr=2e-4", "name=run1"])
     save_config(cfg, run_dir / "config.yaml")
+
+Fields typed `Literal[...]` take only the listed values: a YAML value or override outside them is a ConfigError
+naming the key and the choices when the config loads (`check_choices` does the same for a config built in
+code). A dataclass may list removed keys in a `RETIRED_KEYS` class attribute (key → what replaced it): a
+config file that still holds one loads without it (configs saved by older runs); an override naming one is
+an error that says what replaced it.
 """
 from __future__ import annotations
 
@@ -29,11 +35,47 @@ def _strip_optional(tp: Any) -> Any:
     return tp
 
 
+def choices(tp: Any) -> tuple:
+    """The values a `Literal[...]` (or `Literal[...] | None`) type admits; () for any other type."""
+    tp = _strip_optional(tp)
+    return typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else ()
+
+
+def _check_choice(tp: Any, value: Any, where: str) -> Any:
+    allowed = choices(tp)
+    if any(value == a and type(value) is type(a) for a in allowed):  # True == 1, yet true is no choice of 1
+        return value
+    listed = ", ".join(repr(a) for a in allowed)
+    hint = ""
+    if isinstance(value, bool) and all(isinstance(a, str) for a in allowed):
+        hint = " (YAML reads yes/no/on/off as true/false: quote the word)"
+    raise ConfigError(f"{where}: {value!r} is not one of {listed}{hint}")
+
+
+def check_choices(cfg: Any, where: str | None = None) -> None:
+    """ConfigError when a `Literal` field of dataclass `cfg` (not its nested ones) holds a value outside its choices.
+
+    For `__post_init__` of configs that code builds directly; `load_config`/`from_dict` check while loading.
+    """
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        if choices(hints[f.name]):
+            value = getattr(cfg, f.name)
+            if value is not None or not _is_optional(hints[f.name]):
+                _check_choice(hints[f.name], value, f"{where or type(cfg).__name__}.{f.name}")
+
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
-    """Convert a YAML/CLI value to the field type `tp` (dataclasses recursively)."""
+    """Convert a YAML/CLI value to the field type `tp` (dataclasses recursively; `Literal` values checked)."""
     if value is None:
         return None
     tp = _strip_optional(tp)
+    if choices(tp):
+        return _check_choice(tp, value, where)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -74,15 +116,21 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
-    """Build dataclass `cls` from a (nested) dict; unknown keys are an error naming the key."""
+def from_dict(cls: type[T], data: dict, where: str = "") -> T:
+    """Build dataclass `cls` from a (nested) dict; unknown keys are an error naming the key.
+
+    `where` is the key path of `data` ('' at the top; errors name e.g. 'optim.schedule').
+    """
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    at = f"{where}: " if where else ""
     kwargs = {}
     for key, value in data.items():
+        if key in _retired(cls):
+            raise ConfigError(f"{at}'{key}' is no longer a setting: {_retired(cls)[key]}")
         if key not in fields:
-            raise ConfigError(f"{where}: unknown key '{key}' (valid: {', '.join(sorted(fields))})")
-        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}")
+            raise ConfigError(f"{at}unknown key '{key}' (valid: {', '.join(sorted(fields))})")
+        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
     return cls(**kwargs)
 
 
@@ -125,9 +173,13 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
             raise ConfigError(f"config file '{p}' is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file '{p}' must hold a mapping")
+        _drop_retired(cls, loaded)
         _deep_update(data, loaded)
     apply_overrides(data, overrides)
-    return from_dict(cls, data, where=str(path or cls.__name__))
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path if path is not None else cls.__name__}: {e}") from e
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
@@ -135,6 +187,21 @@ def save_config(cfg: Any, path: str | Path) -> None:
     from utils.atomic import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _retired(cls: type) -> dict[str, str]:
+    return dict(getattr(cls, "RETIRED_KEYS", None) or {})
+
+
+def _drop_retired(cls: type, data: dict) -> None:
+    """Remove `cls`'s retired keys from the file mapping `data` (nested sections too), in place."""
+    for key in _retired(cls):
+        data.pop(key, None)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = _strip_optional(hints[f.name])
+        if dataclasses.is_dataclass(tp) and isinstance(data.get(f.name), dict):
+            _drop_retired(tp, data[f.name])
 
 
 def _deep_update(base: dict, new: dict) -> None:

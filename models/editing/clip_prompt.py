@@ -193,7 +193,7 @@ class ClipPromptEncoder(nn.Module):
 
     def __init__(self, cfg: ClipPromptConfig | None = None):
         super().__init__()
-        self.cfg = cfg = cfg or ClipPromptConfig()
+        self.config = cfg = cfg or ClipPromptConfig()
         self.clip = build_open_clip(cfg.model_name, cfg.pretrained, cfg.model_cfg or None, cfg.context_length)
         self.image_size = int(cfg.image_size or _model_image_size(self.clip))
         if self.image_size != _model_image_size(self.clip):
@@ -220,7 +220,7 @@ class ClipPromptEncoder(nn.Module):
 
     def train(self, mode: bool = True) -> "ClipPromptEncoder":
         super().train(mode)
-        if self.cfg.freeze_towers:
+        if self.config.freeze_towers:
             self.clip.eval()
         return self
 

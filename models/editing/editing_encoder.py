@@ -10,18 +10,23 @@ order: with the default MAE config `state_dict()` equals the `encoder_state_dict
 """
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Literal, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from models.editing.clip_prompt import ClipPromptConfig
 from models.editing.fuser import CrossAttentionFuser
 from models.editing.mae import MAEViT, MAEViTConfig
 from models.live3d.encoder import Live3DConfig, Live3DTrunk
+from utils.config import check_choices
 from utils.errors import ConfigError, UnknownCheckpointFormatError
 
-PROMPT_ENCODERS = ("mae", "clip")
+PromptEncoderKind = Literal["mae", "clip"]
+PROMPT_ENCODERS: tuple[str, ...] = typing.get_args(PromptEncoderKind)
 
 
 @dataclass
@@ -31,20 +36,21 @@ class EditingEncoderConfig:
     live3d: the Live3D part (mode must be 'LT').
     prompt_encoder: 'mae' (reference images; the released model) or 'clip' (images and texts).
     mae: the MAE tower (its embed_dim must equal token_dim).
-    clip: fields of `models.editing.clip_prompt.ClipPromptConfig` (token_dim is filled in from here).
+    clip: the CLIP tower (used when prompt_encoder is 'clip'); its token_dim is always this config's.
     token_dim: the cross-attention width; fuser_channels: the fuser's pre_conv width.
     """
 
     live3d: Live3DConfig = field(default_factory=Live3DConfig)
-    prompt_encoder: str = "mae"
+    prompt_encoder: PromptEncoderKind = "mae"
     mae: MAEViTConfig = field(default_factory=MAEViTConfig)
-    clip: dict = field(default_factory=dict)
+    clip: ClipPromptConfig = field(default_factory=ClipPromptConfig)
     token_dim: int = 768
     fuser_channels: int = 96
 
     def __post_init__(self) -> None:
-        if self.prompt_encoder not in PROMPT_ENCODERS:
-            raise ConfigError(f"prompt_encoder must be one of {PROMPT_ENCODERS}, got {self.prompt_encoder!r}")
+        check_choices(self)
+        if self.clip.token_dim != self.token_dim:  # one width: the fuser's
+            self.clip = dataclasses.replace(self.clip, token_dim=self.token_dim)
         if self.live3d.mode != "LT":
             raise ConfigError(f"the editing encoder builds on Live3D 'LT', got mode {self.live3d.mode!r}")
 
@@ -56,11 +62,11 @@ class EditingEncoderConfig:
     @classmethod
     def tiny(cls, prompt_encoder: str = "mae") -> "EditingEncoderConfig":
         """Small widths, same key names: for tests (a tiny CLIP when prompt_encoder='clip')."""
-        clip: dict = {}
+        clip = ClipPromptConfig()
         if prompt_encoder == "clip":
             from models.editing.clip_prompt import tiny_open_clip_config
 
-            clip = {"model_cfg": tiny_open_clip_config(), "image_size": 32}
+            clip = ClipPromptConfig(model_cfg=tiny_open_clip_config(), image_size=32)
         return cls(live3d=Live3DConfig.tiny("LT"), prompt_encoder=prompt_encoder, mae=MAEViTConfig.tiny(32),
                    clip=clip, token_dim=32, fuser_channels=8)
 
@@ -70,10 +76,9 @@ def _build_prompt_encoder(cfg: EditingEncoderConfig) -> tuple[nn.Module, str]:
         if cfg.mae.embed_dim != cfg.token_dim:
             raise ConfigError(f"mae.embed_dim {cfg.mae.embed_dim} must equal token_dim {cfg.token_dim}")
         return MAEViT(cfg.mae), "mae_encoder"
-    from models.editing.clip_prompt import ClipPromptConfig, ClipPromptEncoder
+    from models.editing.clip_prompt import ClipPromptEncoder
 
-    clip_cfg = ClipPromptConfig(**{**dict(cfg.clip), "token_dim": cfg.token_dim})
-    return ClipPromptEncoder(clip_cfg), "clip_encoder"
+    return ClipPromptEncoder(dataclasses.replace(cfg.clip, token_dim=cfg.token_dim)), "clip_encoder"
 
 
 class EditingEncoder(Live3DTrunk):

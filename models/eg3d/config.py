@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 __all__ = ["RenderingConfig", "GeneratorConfig", "RendererConfig"]
 
@@ -17,13 +17,13 @@ class RenderingConfig:
     ray_start: float = 2.25
     ray_end: float = 3.3
     box_warp: float = 1.0
-    clamp_mode: str = "softplus"
+    clamp_mode: Literal["softplus"] = "softplus"  # EG3D's MipRayMarcher2 (the only one here)
     white_back: bool = False
     disparity_space_sampling: bool = False
     density_noise: float = 0.0
     avg_camera_radius: float = 2.7
     avg_camera_pivot: tuple[float, float, float] = (0.0, 0.0, 0.2)
-    superresolution_noise_mode: str = "none"
+    superresolution_noise_mode: Literal["random", "const", "none"] = "none"
     sr_antialias: bool = True
     c_gen_conditioning_zero: bool = False
     c_scale: float = 1.0

@@ -39,7 +39,7 @@ class TriPlaneGenerator(nn.Module):
 
     def __init__(self, cfg: GeneratorConfig | None = None):
         super().__init__()
-        self.cfg = cfg = cfg or GeneratorConfig()
+        self.config = cfg = cfg or GeneratorConfig()
         self.z_dim, self.c_dim, self.w_dim = cfg.z_dim, cfg.c_dim, cfg.w_dim
         self.img_resolution = cfg.img_resolution
         self.neural_rendering_resolution = cfg.neural_rendering_resolution
@@ -60,7 +60,7 @@ class TriPlaneGenerator(nn.Module):
     def mapping(self, z: torch.Tensor, c: torch.Tensor, truncation_psi: float = 1.0,
                 truncation_cutoff: int | None = None, update_emas: bool = False) -> torch.Tensor:
         """z [N, z_dim], c [N, 25] (the conditioning camera) → ws [N, num_ws, w_dim] (14×512 for FFHQ)."""
-        r = self.cfg.rendering
+        r = self.config.rendering
         if r.c_gen_conditioning_zero:
             c = torch.zeros_like(c)
         return self.backbone.mapping(z, c * r.c_scale, truncation_psi=truncation_psi,
@@ -84,7 +84,7 @@ class TriPlaneGenerator(nn.Module):
         res = int(neural_rendering_resolution or self.neural_rendering_resolution)
         out = self.renderer.render_images(planes5, self.decoder, c, res, deterministic, generator)
         out["image"] = self.superresolution(out["image_raw"], out["feature_image"], ws,
-                                            noise_mode=self.cfg.rendering.superresolution_noise_mode)
+                                            noise_mode=self.config.rendering.superresolution_noise_mode)
         return out
 
     def synthesis(self, ws: torch.Tensor, c: torch.Tensor, noise_mode: str = "const", deterministic: bool = True,

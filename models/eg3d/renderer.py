@@ -101,7 +101,7 @@ class ImportanceRenderer(nn.Module):
 
     def __init__(self, cfg: RenderingConfig | None = None):
         super().__init__()
-        self.cfg = cfg or RenderingConfig()
+        self.config = cfg or RenderingConfig()
         self.register_buffer("plane_axes", generate_planes(), persistent=False)
 
     # -- decoding -------------------------------------------------------------------------------------
@@ -124,7 +124,7 @@ class ImportanceRenderer(nn.Module):
         """
         h, w = plane_hw
         idt = torch.int32 if table.shape[0] < 2**31 - 1 else torch.int64
-        uv = (2 / self.cfg.box_warp) * uv  # [-1, 1] inside the box
+        uv = (2 / self.config.box_warp) * uv  # [-1, 1] inside the box
 
         def axis(c: torch.Tensor, size: int):
             pix = ((c + 1) * size - 1) / 2
@@ -152,12 +152,12 @@ class ImportanceRenderer(nn.Module):
 
     def run_model(self, planes: torch.Tensor, decoder: OSGDecoder, coordinates: torch.Tensor) -> dict:
         """Reference decode at arbitrary points: planes [N, 3, C, H, W], coordinates [N, M, 3] → {'rgb', 'sigma'}."""
-        feats = sample_from_planes(self.plane_axes, planes, coordinates, box_warp=self.cfg.box_warp)
+        feats = sample_from_planes(self.plane_axes, planes, coordinates, box_warp=self.config.box_warp)
         return decoder(feats)
 
     # -- sampling -------------------------------------------------------------------------------------
     def _coarse_depths(self, n_rays: int, jitter: torch.Tensor | None, device, dtype) -> torch.Tensor:
-        cfg = self.cfg
+        cfg = self.config
         s = cfg.depth_resolution
         if cfg.disparity_space_sampling:
             d = torch.linspace(0, 1, s, device=device, dtype=dtype).expand(n_rays, s)
@@ -174,11 +174,11 @@ class ImportanceRenderer(nn.Module):
         w = F.max_pool1d(weights.unsqueeze(1).float(), 2, 1, padding=1)
         w = F.avg_pool1d(w, 2, 1).squeeze(1) + 0.01
         mids = 0.5 * (depths[:, :-1] + depths[:, 1:])
-        return sample_pdf(mids, w[:, 1:-1], self.cfg.depth_resolution_importance, u)
+        return sample_pdf(mids, w[:, 1:-1], self.config.depth_resolution_importance, u)
 
     # -- rendering ------------------------------------------------------------------------------------
     def _render_chunk(self, table, plane_hw, offset, decoder, o, d, jitter, u, noise_c, noise_f):
-        cfg = self.cfg
+        cfg = self.config
         r = o.shape[0]
         grad = torch.is_grad_enabled()
         depths_c = self._coarse_depths(r, jitter, o.device, o.dtype)
@@ -244,7 +244,7 @@ class ImportanceRenderer(nn.Module):
         ray_origins, ray_directions: [N, M, 3]. Returns (features [N, M, C_out] ≈[-1, 1], depth [N, M, 1],
         weight totals [N, M, 1]).
         """
-        cfg = self.cfg
+        cfg = self.config
         n, m, _ = ray_directions.shape
         n_planes = planes.shape[0]
         if planes.ndim != 5 or n_planes not in (1, n):

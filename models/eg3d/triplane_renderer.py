@@ -25,7 +25,7 @@ class TriplaneRenderer(nn.Module):
 
     def __init__(self, cfg: RendererConfig | None = None):
         super().__init__()
-        self.cfg = cfg = cfg or RendererConfig()
+        self.config = cfg = cfg or RendererConfig()
         self.neural_rendering_resolution = cfg.neural_rendering_resolution
         self.plane_channels = cfg.plane_channels
         self.const = nn.Parameter(torch.randn([1, 1, cfg.w_dim]))
@@ -67,7 +67,7 @@ class TriplaneRenderer(nn.Module):
         out = self.render_features(planes, cameras, deterministic, generator, neural_rendering_resolution)
         ws = self.const.expand(1, 3, -1)  # one style for every view: SR weights are shared (and cached in eval)
         feats, raw = out["feature_image"], out["image_raw"]
-        step = self.cfg.sr_batch if self.cfg.sr_batch > 0 else (1 if feats.device.type == "cpu" else feats.shape[0])
+        step = self.config.sr_batch if self.config.sr_batch > 0 else (1 if feats.device.type == "cpu" else feats.shape[0])
         if step >= feats.shape[0]:
             out["image"] = self.superresolution(raw, feats, ws, noise_mode="none")
         else:  # on CPU one view at a time keeps the 512² activations in cache-friendlier sizes

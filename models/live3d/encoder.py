@@ -11,7 +11,9 @@ defaults are the original's) so `Live3DConfig.tiny(mode)` builds a fast model wi
 """
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -19,9 +21,11 @@ from torch import nn
 from models.live3d.aspp import DeepLabV3Decoder
 from models.live3d.mix_transformer import Block, OverlapPatchEmbed, segformer_init_, tokens_to_map
 from models.live3d.resnet import RESNET34_BLOCKS, RESNET34_WIDTHS, ResNetNoBN
+from utils.config import check_choices
 from utils.errors import ConfigError
 
-MODES = ("LT", "Normal")
+Live3DMode = Literal["LT", "Normal"]
+MODES: tuple[str, ...] = typing.get_args(Live3DMode)
 TRIPLANE_CHANNELS = 96  # 3 planes × 32 features
 
 
@@ -41,7 +45,7 @@ class Live3DConfig:
     input_resolution: image side the released weights expect (the model runs at any multiple of 16).
     """
 
-    mode: str = "LT"
+    mode: Live3DMode = "LT"
     resnet_widths: tuple[int, ...] = RESNET34_WIDTHS
     resnet_blocks: tuple[int, ...] = RESNET34_BLOCKS
     aspp_channels: int = 256
@@ -59,8 +63,7 @@ class Live3DConfig:
     input_resolution: int = 512
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"Live3DConfig.mode must be one of {MODES}, got {self.mode!r}")
+        check_choices(self)
         if self.vit_dim % 4:
             raise ConfigError(f"Live3DConfig.vit_dim must be a multiple of 4, got {self.vit_dim}")
 
