@@ -186,7 +186,7 @@ class DistInfo:
     group: bool = False  # a torch.distributed process group was initialised here
 
 
-def init_distributed(mode: Literal["auto", "off"] = "auto", device: torch.device | None = None, timeout_hours: float = 72.0) -> DistInfo:
+def init_distributed(mode: str = "auto", device: torch.device | None = None, timeout_hours: float = 72.0) -> DistInfo:
     """Rank info from RANK/WORLD_SIZE/LOCAL_RANK; a gloo (CPU) or NCCL (CUDA) group when launched by torchrun.
 
     Without MASTER_ADDR (e.g. a SLURM array setting RANK/WORLD_SIZE only) each rank works alone:

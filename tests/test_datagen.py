@@ -203,7 +203,7 @@ def test_two_gloo_ranks_write_disjoint_shards(tmp_path, full_run) -> None:
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "pipelines.datagen", "--config", str(TINY), f"output_dir={out}"]
+           "-m", "tools.datagen", "--config", str(TINY), f"output_dir={out}"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     shards = [{r["input"] for r in read_jsonl(out / f"manifest.{k}.jsonl")} for k in (0, 1)]
