@@ -92,7 +92,8 @@ def test_yaml_differs_from_the_defaults_only_where_pinned(name):
 # ------------------------------------------------------------------------------------------ choices
 @pytest.mark.parametrize("cls, name, override, message", [
     (TrainConfig, "train.yaml", "optim.schedule=cosin", "optim.schedule: 'cosin' is not one of 'constant', 'cosine'"),
-    (TrainConfig, "train.yaml", "model.prompt_encoder=bert", "model.prompt_encoder: 'bert' is not one of 'mae', 'clip'"),
+    (TrainConfig, "train.yaml", "model.prompt_encoder=bert",
+     "model.prompt_encoder: 'bert' is not one of 'mae', 'clip'"),
     (DatagenConfig, "datagen.yaml", "source.kind=photo", "source.kind: 'photo' is not one of 'eg3d', 'photos'"),
     (DatagenConfig, "datagen.yaml", "source.camera=random", "source.camera: 'random' is not one of"),
     (DatagenConfig, "datagen.yaml", "filter.on_all_filtered=keep", "filter.on_all_filtered: 'keep' is not one of"),
@@ -139,7 +140,8 @@ def test_nested_sections_are_dataclasses():
 
     cfg = load_config(CustomizeConfig, CONFIGS / "customize.yaml", ["ip2p.steps=7"])
     assert cfg.ip2p == InstructPix2PixConfig(steps=7)
-    enc = from_dict(EditingEncoderConfig, {"prompt_encoder": "clip", "token_dim": 64, "clip": {"model_name": "ViT-B-32"}})
+    enc = from_dict(EditingEncoderConfig,
+                    {"prompt_encoder": "clip", "token_dim": 64, "clip": {"model_name": "ViT-B-32"}})
     assert enc.clip == ClipPromptConfig(model_name="ViT-B-32", token_dim=64)  # one width: the encoder's
     with pytest.raises(ConfigError, match="clip: unknown key 'modelname'"):
         from_dict(EditingEncoderConfig, {"clip": {"modelname": "ViT-B-32"}})

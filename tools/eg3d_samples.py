@@ -33,7 +33,8 @@ from utils.errors import ThreeDPEError
 
 def _camera_geometry(gen: nn.Module) -> tuple[float, tuple[float, float, float]]:
     rendering = gen.config.rendering
-    return float(rendering.avg_camera_radius), tuple(float(v) for v in rendering.avg_camera_pivot)  # type: ignore[return-value]
+    pivot = tuple(float(v) for v in rendering.avg_camera_pivot)
+    return float(rendering.avg_camera_radius), pivot  # type: ignore[return-value]
 
 
 @torch.inference_mode()

@@ -67,7 +67,8 @@ class TriplaneRenderer(nn.Module):
         out = self.render_features(planes, cameras, deterministic, generator, neural_rendering_resolution)
         ws = self.const.expand(1, 3, -1)  # one style for every view: SR weights are shared (and cached in eval)
         feats, raw = out["feature_image"], out["image_raw"]
-        step = self.config.sr_batch if self.config.sr_batch > 0 else (1 if feats.device.type == "cpu" else feats.shape[0])
+        sr_batch = self.config.sr_batch
+        step = sr_batch if sr_batch > 0 else (1 if feats.device.type == "cpu" else feats.shape[0])
         if step >= feats.shape[0]:
             out["image"] = self.superresolution(raw, feats, ws, noise_mode="none")
         else:  # on CPU one view at a time keeps the 512² activations in cache-friendlier sizes
