@@ -77,7 +77,8 @@ class IRSE50(nn.Module):
 class IdentityEncoder(nn.Module):
     """Portrait (N×3×H×W in [-1,1], EG3D crop) → 512-d identity embedding, with the original's face crop.
 
-    The image is resized to 256, cropped to rows 35:223 and columns 32:220, and pooled to 112×112.
+    The image is resized to 256 (bilinear without antialiasing, as the original), cropped to rows 35:223 and
+    columns 32:220, and pooled to 112×112.
     """
 
     def __init__(self, net: IRSE50):
@@ -92,7 +93,7 @@ class IdentityEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images
         if x.shape[-1] != 256:
-            x = F.interpolate(x, size=(256, 256), mode="bilinear", align_corners=False, antialias=True)
+            x = F.interpolate(x, size=(256, 256), mode="bilinear", align_corners=False)
         x = F.adaptive_avg_pool2d(x[:, :, 35:223, 32:220], (112, 112))
         return self.net(x)
 

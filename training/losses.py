@@ -37,6 +37,7 @@ class LossConfig:
     adv: float = 0.025
     r1_gamma: float = 1.0
     multiview: bool = True          # the same terms again at a random camera per sample
+    one_camera_per_batch: bool = False    # True: one random camera for the whole batch (the original)
     weights_dir: str = "pretrained_models"
 
     RETIRED_KEYS: ClassVar[dict[str, str]] = {
@@ -226,7 +227,8 @@ def discriminator_step(D_ddp: nn.Module, opt_d: torch.optim.Optimizer, real: tor
         torch.nn.utils.clip_grad_norm_(D.parameters(), grad_clip)
     opt_d.step()
     D.requires_grad_(False)
-    return {"D/loss_real": loss_real.item(), "D/loss_fake": loss_fake.item(), "D/r1": r1.item(),
+    return {"D/loss_real": loss_real.item(), "D/loss_real_softplus": F.softplus(-logits_real).mean().item(),
+            "D/loss_fake": loss_fake.item(), "D/r1": r1.item(),
             "D/logits_real": float(logits_real.mean()), "D/logits_fake": float(logits_fake.mean())}
 
 

@@ -158,12 +158,16 @@ def set_trainable(student: nn.Module, names: list[str]) -> list[nn.Parameter]:
     return params
 
 
-def set_modes(student: nn.Module, trainable: list[str], frozen_dropout: bool) -> None:
-    """Trainable submodules in train mode; frozen ones in eval (or train, to keep the original's dropout)."""
+def set_modes(student: nn.Module, trainable: list[str], frozen_dropout: bool,
+              teacher: nn.Module | None = None) -> None:
+    """Trainable submodules in train mode; frozen ones, and the teacher, in eval (or in train with
+    `frozen_dropout`, which keeps the original's ASPP dropout: it never put either in eval mode)."""
     student.train()
     for name, sub in student.named_children():
         if name not in trainable:
             sub.train(frozen_dropout)
+    if teacher is not None:
+        teacher.train(frozen_dropout)
 
 
 # ============================================================================================ data

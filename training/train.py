@@ -42,7 +42,7 @@ from utils.config import load_config, save_config
 from utils.testing_hooks import hooks
 
 __all__ = ["DataConfig", "GanConfig", "LogConfig", "LossConfig", "ModelConfig", "OptimConfig", "TrainConfig",
-           "TrainResult", "main", "run"]
+           "StepOutput", "TrainResult", "main", "run", "train_step"]
 
 
 @dataclass
@@ -63,13 +63,17 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def cameras_for(batch: dict[str, Any], views: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
-    """V·N×25 cameras, view-major: the inputs' own cameras, then (V = 2) one random training camera each."""
+def cameras_for(batch: dict[str, Any], views: int, gen: torch.Generator, device: torch.device,
+                one_per_batch: bool = False) -> torch.Tensor:
+    """V·N×25 cameras, view-major: the inputs' own cameras, then (V = 2) one random training camera each, or
+    (`one_per_batch`, the original's way) one random camera shared by the whole batch."""
     from utils.cameras import sample_training_cameras
 
     cams = [batch["camera"]]
     if views == 2:
-        cams.append(sample_training_cameras(batch["camera"].shape[0], generator=gen).to(device))
+        n = batch["camera"].shape[0]
+        mv = sample_training_cameras(1 if one_per_batch else n, generator=gen).to(device)
+        cams.append(mv.expand(n, -1))
     return torch.cat(cams)
 
 
@@ -123,6 +127,7 @@ def validate(s: TrainingSetup, cfg: TrainConfig, step: int, writer: Any, autocas
     sums: dict[str, float] = {}
     count = 0
     s.encoder.eval()
+    s.teacher.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         for bi, batch in enumerate(vl):
             if cfg.data.val_batches and bi >= cfg.data.val_batches:
@@ -139,7 +144,7 @@ def validate(s: TrainingSetup, cfg: TrainConfig, step: int, writer: Any, autocas
             count += 1
             if bi == 0 and writer is not None:
                 writer.add_image("val/grid", sample_grid(batch, s_views, t_views, n, views, cfg.log.image_size), step)
-    set_modes(s.encoder, list(cfg.model.trainable), cfg.model.frozen_dropout)
+    set_modes(s.encoder, list(cfg.model.trainable), cfg.model.frozen_dropout, teacher=s.teacher)
     # Every rank reports the same keys; ranks without a batch report zeros with weight 0.
     keys = sorted(sums) if sums else []
     keys = du.broadcast_object(keys)
@@ -147,6 +152,51 @@ def validate(s: TrainingSetup, cfg: TrainConfig, step: int, writer: Any, autocas
     if writer is not None and means.get("_count", 0) > 0:
         for k in keys:
             writer.add_scalar(f"val/{k}", means[k] / means["_count"], step)
+
+
+@dataclass
+class StepOutput:
+    """One training step's results: the weighted total (student side), its unweighted terms, the D step's
+    scalars (+ 'grad_norm/student' when clipping), and the student's and teacher's renders (V·N-batched)."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    logs: dict[str, float]
+    s_views: dict[str, torch.Tensor]
+    t_views: dict[str, torch.Tensor]
+
+
+def train_step(s: TrainingSetup, cfg: TrainConfig, batch: dict[str, Any], cams: torch.Tensor, step: int,
+               autocast: Callable[[], Any], deterministic: bool = False) -> StepOutput:
+    """One step on a batch already on the device, at the V·N cameras `cams` (`cameras_for`): teacher, student,
+    distillation loss, the D step and the GAN term (from `gan.start_step`), the student's update, the schedule.
+    `deterministic` renders without random draws (parity checks); training renders randomly."""
+    n = batch["input"].shape[0]
+    prompt_kw: dict[str, Any] = {}
+    if cfg.model.prompt_encoder == "clip":  # each sample: its instruction text or the reference image
+        texts = list(batch["instruction"])
+        has_text = torch.tensor([bool(t.strip()) for t in texts])  # no text: always the reference image
+        use_text = (torch.rand(n, generator=s.cam_gen) < cfg.model.text_prompt_prob) & has_text
+        prompt_kw = {"texts": texts, "use_text": use_text.to(s.device)}
+
+    # Teacher: the 2D-edited target lifted to 3D, rendered at both cameras (no graph kept).
+    t_tri, t_views = teacher_views(s, batch["target"], cams, deterministic, autocast)
+    # Student: through the DDP wrapper so gradients are averaged over ranks.
+    with autocast():
+        s_tri, s_views = s.student_ddp(batch["input"], batch["reference"], cams, deterministic=deterministic,
+                                       **prompt_kw)
+    loss, terms = s.loss_fn(s_tri, t_tri, s_views, t_views, n)
+    logs: dict[str, float] = {}
+    if cfg.gan.enabled and cfg.loss.adv > 0 and step >= cfg.gan.start_step:
+        r = s.D.config.img_resolution
+        real, ref, fake = d_sized(batch["target"], r), d_sized(batch["reference"], r), s_views["image"][:n].float()
+        logs.update(discriminator_step(s.D_ddp, s.opt_d, real, fake, ref, batch["camera"], cfg.loss.r1_gamma,
+                                       cfg.optim.grad_clip))
+        terms["gan"] = g_adv_loss(s.D, fake, ref, batch["camera"])  # D is frozen now: gradients reach `fake`
+        loss = loss + cfg.loss.adv * terms["gan"]
+    logs.update(generator_step(loss, s.opt_g, s.trainable, cfg.optim.grad_clip))
+    s.sched_g.step()
+    return StepOutput(loss, terms, logs, s_views, t_views)
 
 
 def save(s: TrainingSetup, cfg: TrainConfig, step: int, epoch: int, position: int) -> None:
@@ -179,7 +229,7 @@ def main(cfg: TrainConfig, train_set: Dataset | None = None, val_set: Dataset | 
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if cfg.bf16 \
         else contextlib.nullcontext
     views = 2 if cfg.loss.multiview else 1
-    set_modes(s.encoder, list(cfg.model.trainable), cfg.model.frozen_dropout)
+    set_modes(s.encoder, list(cfg.model.trainable), cfg.model.frozen_dropout, teacher=s.teacher)
     s.D.train()
     pbar = None
     if info.is_main and cfg.log.tqdm:
@@ -193,30 +243,9 @@ def main(cfg: TrainConfig, train_set: Dataset | None = None, val_set: Dataset | 
         t0 = time.perf_counter()
         batch = to_device(batch, device)
         n = batch["input"].shape[0]
-        cams = cameras_for(batch, views, s.cam_gen, device)
-        prompt_kw: dict[str, Any] = {}
-        if cfg.model.prompt_encoder == "clip":  # each sample: its instruction text or the reference image
-            texts = list(batch["instruction"])
-            has_text = torch.tensor([bool(t.strip()) for t in texts])  # no text: always the reference image
-            use_text = (torch.rand(n, generator=s.cam_gen) < cfg.model.text_prompt_prob) & has_text
-            prompt_kw = {"texts": texts, "use_text": use_text.to(device)}
-
-        # Teacher: the 2D-edited target lifted to 3D, rendered at both cameras (no graph kept).
-        t_tri, t_views = teacher_views(s, batch["target"], cams, False, autocast)
-        # Student: through the DDP wrapper so gradients are averaged over ranks.
-        with autocast():
-            s_tri, s_views = s.student_ddp(batch["input"], batch["reference"], cams, **prompt_kw)
-        loss, terms = s.loss_fn(s_tri, t_tri, s_views, t_views, n)
-        logs: dict[str, float] = {}
-        if cfg.gan.enabled and cfg.loss.adv > 0 and step >= cfg.gan.start_step:
-            r = s.D.config.img_resolution
-            real, ref, fake = d_sized(batch["target"], r), d_sized(batch["reference"], r), s_views["image"][:n].float()
-            logs.update(discriminator_step(s.D_ddp, s.opt_d, real, fake, ref, batch["camera"], cfg.loss.r1_gamma,
-                                           cfg.optim.grad_clip))
-            terms["gan"] = g_adv_loss(s.D, fake, ref, batch["camera"])  # D is frozen now: gradients reach `fake`
-            loss = loss + cfg.loss.adv * terms["gan"]
-        logs.update(generator_step(loss, s.opt_g, s.trainable, cfg.optim.grad_clip))
-        s.sched_g.step()
+        cams = cameras_for(batch, views, s.cam_gen, device, cfg.loss.one_camera_per_batch)
+        out = train_step(s, cfg, batch, cams, step, autocast)
+        loss, terms, logs, s_views, t_views = out.loss, out.terms, out.logs, out.s_views, out.t_views
         step += 1
         position += 1
 
