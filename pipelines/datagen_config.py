@@ -68,7 +68,7 @@ class DatagenConfig:
     threads: int = 1  # torch intra-op CPU threads per rank (torch.set_num_threads); 0 = leave the launcher's
     device: str = "auto"  # auto → cuda:LOCAL_RANK when CUDA is present, else cpu
     fp16: bool = True  # fp16 InstructPix2Pix on CUDA (ignored on CPU)
-    distributed: str = "auto"  # auto: a process group when WORLD_SIZE>1 and MASTER_ADDR is set | on | off
+    distributed: str = "auto"  # auto: a process group when WORLD_SIZE>1 and MASTER_ADDR is set | on | off (a bare YAML off = off)
     dist_timeout_hours: float = 72.0  # how long finished ranks wait for the others at the final barrier
     progress: bool = True  # tqdm bar on rank 0
 

@@ -97,7 +97,6 @@ def test_yaml_differs_from_the_defaults_only_where_pinned(name):
     (DatagenConfig, "datagen.yaml", "source.kind=photo", "source.kind: 'photo' is not one of 'eg3d', 'photos'"),
     (DatagenConfig, "datagen.yaml", "source.camera=random", "source.camera: 'random' is not one of"),
     (DatagenConfig, "datagen.yaml", "filter.on_all_filtered=keep", "filter.on_all_filtered: 'keep' is not one of"),
-    (DatagenConfig, "datagen.yaml", "distributed=off", "distributed: False is not one of 'auto', 'off' (YAML reads"),
     (CustomizeConfig, "customize.yaml", "ip2p.dtype=fp8", "ip2p.dtype: 'fp8' is not one of 'auto'"),
 ])
 def test_a_value_outside_the_choices_fails_when_the_config_loads(cls, name, override, message):
