@@ -366,7 +366,11 @@ def our_training_step(directory: str | os.PathLike, exp_dir: str | os.PathLike) 
         captured["discriminator_grads"] = {n: summarize(p.grad) for n, p in s.D.named_parameters()
                                            if p.grad is not None}
 
-    hooks = [s.opt_g.register_step_pre_hook(grab_g), s.opt_d.register_step_pre_hook(grab_d)]
+    def grab_real_logits(module, args, output):  # D's first call in the step is on the real pair
+        captured.setdefault("real_logits", output.detach())
+
+    hooks = [s.opt_g.register_step_pre_hook(grab_g), s.opt_d.register_step_pre_hook(grab_d),
+             s.D.register_forward_hook(grab_real_logits)]
     b = {k: batch[k] for k in ("input", "target", "reference", "camera")}
     cams = torch.cat([batch["camera"], batch["mv_camera"]])
     out = train_step(s, cfg, b, cams, 0, contextlib.nullcontext, deterministic=True)
@@ -375,7 +379,7 @@ def our_training_step(directory: str | os.PathLike, exp_dir: str | os.PathLike) 
     terms = {k: float(v) for k, v in out.terms.items()}
     terms["total"] = float(out.loss)
     gamma = cfg.loss.r1_gamma
-    terms["D_gt"] = out.logs["D/loss_real_softplus"]
+    terms["D_gt"] = float(torch.nn.functional.softplus(-captured.pop("real_logits")).mean())
     terms["D_r1"] = gamma / 2 * out.logs["D/r1"]
     terms["D_gen"] = out.logs["D/loss_fake"]
     return {"terms": terms, **captured, "mv_camera": batch["mv_camera"]}

@@ -227,8 +227,7 @@ def discriminator_step(D_ddp: nn.Module, opt_d: torch.optim.Optimizer, real: tor
         torch.nn.utils.clip_grad_norm_(D.parameters(), grad_clip)
     opt_d.step()
     D.requires_grad_(False)
-    return {"D/loss_real": loss_real.item(), "D/loss_real_softplus": F.softplus(-logits_real).mean().item(),
-            "D/loss_fake": loss_fake.item(), "D/r1": r1.item(),
+    return {"D/loss_real": loss_real.item(), "D/loss_fake": loss_fake.item(), "D/r1": r1.item(),
             "D/logits_real": float(logits_real.mean()), "D/logits_fake": float(logits_fake.mean())}
 
 
