@@ -4,15 +4,17 @@
     python test_scripts.py --ref style.png --video --mesh
     python test_scripts.py --prompt "make him look like a golden statue"
     python test_scripts.py --random-init                     # check an install without any weights
+    torchrun --nproc_per_node=4 test_scripts.py --skip-existing   # 4 processes, continue a stopped batch
 
 See docs/inference.md for every option and output.
 """
 from __future__ import annotations
 
 import argparse
-import math
+import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-triplane", action="store_true", help="write <stem>_triplane.safetensors")
     p.add_argument("--align", action="store_true", help="detect the face and crop it the way EG3D was trained")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--skip-existing", action="store_true",
+                   help="skip inputs whose outputs are all in --output-dir (continue a stopped batch)")
     add_editor_arguments(p)
     return p.parse_args(argv)
 
@@ -48,18 +52,22 @@ class InferenceReport:
 
     written: stems of the inputs whose outputs were written; seconds: stem → the time of that input's edit
     (see `run_inference`); failed: 'path: reason' of inputs that could not be read or edited; skipped:
-    'path: reason' of inputs left out before editing (no reference and no prompt).
+    'path: reason' of inputs left out before editing (no reference and no prompt); complete: stems left
+    out by --skip-existing because all their outputs were there. Under torchrun every rank's report holds
+    the inputs of all ranks.
     """
 
     written: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    complete: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        """0 when every input was written, 1 when one failed or was skipped, or nothing was written."""
-        return 1 if self.failed or self.skipped or not self.written else 0
+        """0 when every input was written (or already complete), 1 when one failed or was skipped, or there
+        was nothing to write."""
+        return 1 if self.failed or self.skipped or not (self.written or self.complete) else 0
 
 
 def run_inference(args: argparse.Namespace) -> InferenceReport:
@@ -71,11 +79,29 @@ def run_inference(args: argparse.Namespace) -> InferenceReport:
     encoded once (so the first input of a style carries it: take the median). Prints a line per skipped or
     failed input and a summary. Raises ThreeDPEError for a user error before any input is edited (a missing
     checkpoint or input folder); an error while writing (e.g. a full disk) propagates.
+
+    Under torchrun (WORLD_SIZE > 1) the batches are split across ranks (batch i → rank i mod WORLD_SIZE,
+    each rank on its own device), every rank writes its own inputs' outputs, and rank 0 prints the summary
+    of all ranks. `args.skip_existing`: inputs whose outputs are all there (`_output_names`) are left out.
     """
+    from utils.distributed import destroy_distributed, init_ranks
+
+    ranks = init_ranks(args.device)
+    try:
+        if ranks is not None:
+            args = argparse.Namespace(**{**vars(args), "device": str(ranks.device)})
+        return _run_inference(args, *((0, 1) if ranks is None else (ranks.rank, ranks.world_size)))
+    finally:
+        if ranks is not None and ranks.owns_group:
+            destroy_distributed()
+
+
+def _run_inference(args: argparse.Namespace, rank: int, world: int) -> InferenceReport:
     from tqdm import tqdm
 
     from datasets.inference_inputs import build_jobs
     from utils.cameras import orbit_cameras, original_test_cameras
+    from utils.distributed import all_gather_object, barrier, is_dist, rank_share
     from utils.errors import ThreeDPEError
 
     needs_text = args.prompt is not None or args.prompts_file is not None or (
@@ -86,29 +112,50 @@ def run_inference(args: argparse.Namespace) -> InferenceReport:
                                     prompts_file=args.prompts_file, needs_prompt=editor.is_editing)
     except FileNotFoundError as e:
         raise ThreeDPEError(str(e)) from e
-    report = InferenceReport(skipped=list(problems))
-    for msg in problems:
+    report = InferenceReport(skipped=list(problems) if rank == 0 else [])  # rank 0 reports them
+    for msg in report.skipped:
         print(f"skipped: {msg}", file=sys.stderr)
 
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cameras = original_test_cameras(args.yaws, args.pitch)
-    runner = _Runner(editor, args, out_dir, cameras, orbit_cameras(args.video_frames) if args.video else None)
+    # Split whole batches (made from every input), so each batch, and so each output, is the one-process one.
+    batches = rank_share(list(_batches(jobs, args.batch_size)), rank, world)
+    if args.skip_existing:
+        if rank == 0 and (world == 1 or is_dist()):  # no rank writes yet (they wait at the barrier below)
+            _remove_leftovers(out_dir)
+        complete = _complete_stems(jobs, args, out_dir)
+        if rank == 0:
+            print(f"skipped {len(complete)} of {len(jobs)} inputs (outputs complete)", flush=True)
+        report.complete = [job.stem for batch in batches for job in batch if job.stem in complete]
+        batches = [kept for batch in batches if (kept := [job for job in batch if job.stem not in complete])]
+        barrier()  # every rank has listed the folder before any rank writes to it
+    runner = _Runner(editor, args, out_dir, cameras, orbit_cameras(args.video_frames) if args.video else None,
+                     batches)
 
     t0 = time.perf_counter()
-    for batch in tqdm(_batches(jobs, args.batch_size), total=math.ceil(len(jobs) / max(args.batch_size, 1)),
-                      desc="editing" if editor.is_editing else "reconstructing", unit="batch",
-                      disable=not sys.stderr.isatty() and len(jobs) < 2):
+    for batch in tqdm(batches, total=len(batches), desc="editing" if editor.is_editing else "reconstructing",
+                      unit="batch", disable=rank != 0 or (not sys.stderr.isatty() and len(batches) < 2)):
         timed, errors = runner.run(batch)
         report.written += [stem for stem, _ in timed]
         report.seconds.update(timed)
         for msg in errors:
             print(f"failed: {msg}", file=sys.stderr)
         report.failed += errors
+    report = _merge(all_gather_object(report), jobs)
     dt = time.perf_counter() - t0
-    done = len(report.written)
-    print(f"done: {done} written to {out_dir}/, {len(report.failed) + len(report.skipped)} failed or skipped, "
-          f"{dt:.1f} s" + (f" ({dt / done:.2f} s per input)" if done else ""))
+    if rank == 0:
+        done = len(report.written)
+        print(f"done: {done} written to {out_dir}/, {len(report.failed) + len(report.skipped)} failed or skipped"
+              + (f", {len(report.complete)} already complete" if args.skip_existing else "")
+              + f", {dt:.1f} s" + (f" ({dt / done:.2f} s per input)" if done else "")
+              + (f", {world} processes" if world > 1 else ""))
+        if world > 1:  # each rank printed its own failures as they came; here are all of them at once
+            for msg in report.failed:
+                print(f"failed: {msg}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    barrier()  # torchrun stops the other ranks when one exits non-zero: rank 0 has printed by now
     return report
 
 
@@ -121,6 +168,57 @@ def main(argv: list[str] | None = None) -> int:
         return run_inference(args).exit_code
     except ThreeDPEError as e:
         return report_user_error(e)
+
+
+def _merge(reports: list[InferenceReport], jobs: list[Any]) -> InferenceReport:
+    """One report of every rank's inputs (`written` and `complete` in input order)."""
+    order = {job.stem: i for i, job in enumerate(jobs)}
+    merged = InferenceReport()
+    for r in reports:
+        merged.written += r.written
+        merged.seconds.update(r.seconds)
+        merged.failed += r.failed
+        merged.skipped += r.skipped
+        merged.complete += r.complete
+    merged.written.sort(key=lambda stem: order.get(stem, -1))
+    merged.complete.sort(key=lambda stem: order.get(stem, -1))
+    return merged
+
+
+def _output_names(job: Any, args: argparse.Namespace) -> list[str]:
+    """The files `_Runner` writes for `job` under these options, `<stem>_mv.png` last (it is written last)."""
+    s = job.stem
+    names = [f"{s}_view{i}.png" for i in range(len(args.yaws))]
+    if job.prompt is not None:
+        names.append(f"{s}_prompt.txt")
+    if args.save_triplane:
+        names.append(f"{s}_triplane.safetensors")
+    if args.video:
+        names.append(f"{s}_orbit.mp4")
+    if args.mesh:
+        names.append(f"{s}.ply")
+    return names + [f"{s}_mv.png"]
+
+
+def _complete_stems(jobs: list[Any], args: argparse.Namespace, out_dir: Path) -> set[str]:
+    """Stems whose every output (`_output_names`) is in `out_dir`. Every output is written to a temporary
+    name and renamed when whole, so a file under its final name is complete; a stopped input misses at
+    least its `_mv.png`, which is written last."""
+    present = set(os.listdir(out_dir))
+    return {job.stem for job in jobs if all(name in present for name in _output_names(job, args))}
+
+
+def _remove_leftovers(out_dir: Path) -> int:
+    """Delete the hidden temporary files a killed run left in `out_dir` (utils/atomic.py names them
+    `.<name>.<random>.tmp*`, the video and triplane writers `.<stem>…partial…`) → how many."""
+    n = 0
+    for entry in os.scandir(out_dir):
+        if entry.name.startswith(".") and (".tmp" in entry.name or ".partial" in entry.name) and entry.is_file():
+            Path(entry.path).unlink(missing_ok=True)
+            n += 1
+    if n:
+        print(f"removed {n} temporary files left by a stopped run", file=sys.stderr)
+    return n
 
 
 def _batches(jobs: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -167,11 +265,26 @@ class _Runner:
     Only the editor's work (prompt, edit, render) runs under `self.clock`; loading and writing do not.
     """
 
-    def __init__(self, editor, args, out_dir: Path, cameras, orbit):
+    def __init__(self, editor, args, out_dir: Path, cameras, orbit, batches: list[list[Any]]):
         self.editor, self.args, self.out_dir, self.cameras, self.orbit = editor, args, out_dir, cameras, orbit
         self.clock = _EditClock()
+        # A prompt embedding holds its reference image (3 MB at 512²): keep one only while a later batch of
+        # `batches` will use it, so memory does not grow with the number of inputs.
+        self._uses = Counter(self._key(batch[0]) for batch in batches)
         self._prompt_cache: dict = {}
         self._aligner = None
+
+    @staticmethod
+    def _key(job) -> tuple[str, str | None]:
+        return str(job.reference_path), job.prompt
+
+    def _used(self, job) -> None:
+        """One batch of `job`'s prompt is done with it: forget the embedding after its last batch."""
+        key = self._key(job)
+        self._uses[key] -= 1
+        if self._uses[key] <= 0:
+            self._prompt_cache.pop(key, None)
+            del self._uses[key]
 
     def _load(self, path: Path):
         import warnings
@@ -200,12 +313,14 @@ class _Runner:
         if self.editor.prompt_is_per_input(job.prompt):
             with self.clock:
                 return self.editor.prompt(image=image, text=job.prompt)
-        key = (str(job.reference_path), job.prompt)
+        key = self._key(job)
         if key not in self._prompt_cache:
             reference = None if job.reference_path is None else self._load(job.reference_path)
             with self.clock:
                 self._prompt_cache[key] = self.editor.prompt(reference=reference, text=job.prompt)
-        return self._prompt_cache[key]
+        emb = self._prompt_cache[key]
+        self._used(job)
+        return emb
 
     def run(self, batch) -> tuple[list[tuple[str, float]], list[str]]:
         """Edit and write a batch → ([(stem, edit seconds)] of the inputs written, ['path: reason'] of failures)."""
@@ -221,6 +336,7 @@ class _Runner:
             except (ThreeDPEError, OSError, ValueError) as e:
                 errors.append(f"{job.input_path}: {e}")
         if not ok_jobs:
+            self._used(batch[0])
             return [], errors
         x = torch.cat(images)
         refs = [None] * len(ok_jobs)
@@ -274,7 +390,6 @@ class _Runner:
         tiles.extend(views.split(1))
         strip = torch.cat(tiles, dim=-1)
         out = self.out_dir
-        save_png(out / f"{job.stem}_mv.png", tensor_to_uint8(strip[0]))
         for i, v in enumerate(views.split(1)):
             save_png(out / f"{job.stem}_view{i}.png", tensor_to_uint8(v[0]))
         if job.prompt is not None:
@@ -305,6 +420,7 @@ class _Runner:
                 write_ply(out / f"{job.stem}.ply", verts, faces)
             except ValueError as e:
                 print(f"warning: {job.stem}: no mesh ({e})", file=sys.stderr)
+        save_png(out / f"{job.stem}_mv.png", tensor_to_uint8(strip[0]))  # last: marks the input complete
 
 
 if __name__ == "__main__":

@@ -159,3 +159,18 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def rank_share(items: list[Any], rank: int, world_size: int) -> list[Any]:
+    """This rank's items: item i goes to rank i mod `world_size` (disjoint shares whose union is `items`)."""
+    return [item for i, item in enumerate(items) if i % world_size == rank]
+
+
+def init_ranks(device: str | torch.device | None) -> DistInfo | None:
+    """For a command that splits its inputs across ranks: None when not launched with WORLD_SIZE > 1 (the
+    caller runs as one process, as without torchrun), else `init_distributed(device, mode='auto')` (this
+    rank's device: CUDA device LOCAL_RANK when CUDA is present, else CPU with gloo). The caller destroys
+    the group when `owns_group`."""
+    if env_info()[2] <= 1:
+        return None
+    return init_distributed(device, mode="auto")
