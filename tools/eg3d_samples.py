@@ -12,6 +12,10 @@ Writes `seed0011.png` (the 512² views side by side, uint8 = round((clamp(x,-1,1
 --save-tensors, `seed0011.safetensors` with `planes` 1×96×256×256, `image` V×3×512×512,
 `image_raw` V×3×128×128, `image_depth` V×1×128×128 (views in --yaws order).
 --network: an EG3D .pkl (read safely, see docs/checkpoints.md), the converted .pth, or a project checkpoint.
+
+Under torchrun (`torchrun --nproc_per_node=N -m tools.eg3d_samples ...`) seed i of the list goes to rank
+i mod N (each rank on its own device: CUDA device LOCAL_RANK, else CPU); the files are the ones one process
+writes at the same thread count, and rank 0 prints the summary of all ranks.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from torch import nn
 from models.checkpoint import load_eg3d_generator
 from utils.atomic import atomic_write_bytes
 from utils.config import parse_seeds
+from utils.distributed import all_gather_object, barrier, destroy_distributed, init_ranks, rank_share
 from utils.errors import ThreeDPEError
 
 
@@ -103,18 +108,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from utils.device import resolve_device
 
+    ranks = None
     try:
         seeds = parse_seeds(args.seeds, what="--seeds")
-        device = resolve_device(args.device)
+        ranks = init_ranks(args.device)
+        device = resolve_device(args.device) if ranks is None else ranks.device
         gen = load_eg3d_generator(args.network, device)
     except (ThreeDPEError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    try:
+        return _sample_seeds(gen, seeds, args, 0 if ranks is None else ranks.rank,
+                             1 if ranks is None else ranks.world_size)
+    finally:
+        if ranks is not None and ranks.owns_group:
+            destroy_distributed()
+
+
+def _sample_seeds(gen: nn.Module, seeds: list[int], args: argparse.Namespace, rank: int, world: int) -> int:
+    """This rank's share of `seeds` → files; rank 0 prints how many seeds all ranks wrote."""
     outdir = Path(args.outdir)
-    for seed in seeds:
+    mine = rank_share(seeds, rank, world)
+    for seed in mine:
         result = sample_seed(gen, seed, args.yaws, args.pitch, args.trunc, args.trunc_cutoff)
         for p in save_seed(outdir, seed, result, args.save_tensors):
             print(p)
+    done = sum(all_gather_object(len(mine)))
+    if world > 1 and rank == 0:
+        print(f"done: {done} seeds written to {outdir}/, {world} processes")
+    sys.stdout.flush()
+    barrier()
     return 0
 
 
