@@ -146,3 +146,15 @@ def test_killed_batch_rerun_with_skip_existing_completes_the_rest(tmp_path: Path
     done = _run([*args, "--output-dir", str(out), "--skip-existing"])
     assert done.returncode == 0 and f"skipped {n} of {n} inputs" in done.stdout
     assert re.search(r"^done: 0 written", done.stdout, re.M)
+
+
+def test_ranks_without_a_process_group_each_do_their_share(tmp_path: Path):
+    """RANK/WORLD_SIZE without MASTER_ADDR (e.g. a SLURM array): the same split, each rank on its own."""
+    data = _make_inputs(tmp_path / "data", 3)
+    env = {k: v for k, v in ENV.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    res = subprocess.run([sys.executable, "test_scripts.py", *TINY, "--data-dir", str(data), "--yaws", "0",
+                          "--output-dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env={**env, "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(_files(tmp_path / "out")) == ["p1_mv.png", "p1_view0.png"]
+    assert re.search(r"^done: 1 written .*, rank 1 of 2 alone$", res.stdout, re.M), res.stdout

@@ -32,7 +32,7 @@ from torch import nn
 from models.checkpoint import load_eg3d_generator
 from utils.atomic import atomic_write_bytes
 from utils.config import parse_seeds
-from utils.distributed import all_gather_object, barrier, destroy_distributed, init_ranks, rank_share
+from utils.distributed import all_gather_object, barrier, destroy_distributed, init_ranks, is_dist, rank_share
 from utils.errors import ThreeDPEError
 
 
@@ -134,8 +134,10 @@ def _sample_seeds(gen: nn.Module, seeds: list[int], args: argparse.Namespace, ra
         for p in save_seed(outdir, seed, result, args.save_tensors):
             print(p)
     done = sum(all_gather_object(len(mine)))
-    if world > 1 and rank == 0:
+    if world > 1 and is_dist() and rank == 0:
         print(f"done: {done} seeds written to {outdir}/, {world} processes")
+    elif world > 1 and not is_dist():  # a rank without a process group (no MASTER_ADDR) speaks for itself
+        print(f"done: {done} seeds written to {outdir}/, rank {rank} of {world} alone")
     sys.stdout.flush()
     barrier()
     return 0

@@ -121,8 +121,9 @@ def _run_inference(args: argparse.Namespace, rank: int, world: int) -> Inference
     cameras = original_test_cameras(args.yaws, args.pitch)
     # Split whole batches (made from every input), so each batch, and so each output, is the one-process one.
     batches = rank_share(list(_batches(jobs, args.batch_size)), rank, world)
+    grouped = world == 1 or is_dist()  # else ranks without a process group (no MASTER_ADDR): each on its own
     if args.skip_existing:
-        if rank == 0 and (world == 1 or is_dist()):  # no rank writes yet (they wait at the barrier below)
+        if rank == 0 and grouped:  # no rank writes yet (they wait at the barrier below)
             _remove_leftovers(out_dir)
         complete = _complete_stems(jobs, args, out_dir)
         if rank == 0:
@@ -144,13 +145,13 @@ def _run_inference(args: argparse.Namespace, rank: int, world: int) -> Inference
         report.failed += errors
     report = _merge(all_gather_object(report), jobs)
     dt = time.perf_counter() - t0
-    if rank == 0:
+    if rank == 0 or not grouped:
         done = len(report.written)
         print(f"done: {done} written to {out_dir}/, {len(report.failed) + len(report.skipped)} failed or skipped"
               + (f", {len(report.complete)} already complete" if args.skip_existing else "")
               + f", {dt:.1f} s" + (f" ({dt / done:.2f} s per input)" if done else "")
-              + (f", {world} processes" if world > 1 else ""))
-        if world > 1:  # each rank printed its own failures as they came; here are all of them at once
+              + ("" if world == 1 else f", {world} processes" if grouped else f", rank {rank} of {world} alone"))
+        if world > 1 and grouped:  # each rank printed its own failures as they came; here are all of them at once
             for msg in report.failed:
                 print(f"failed: {msg}")
     sys.stdout.flush()
