@@ -126,9 +126,12 @@ def _run_inference(args: argparse.Namespace, rank: int, world: int) -> Inference
         if rank == 0 and grouped:  # no rank writes yet (they wait at the barrier below)
             _remove_leftovers(out_dir)
         complete = _complete_stems(jobs, args, out_dir)
-        if rank == 0:
-            print(f"skipped {len(complete)} of {len(jobs)} inputs (outputs complete)", flush=True)
         report.complete = [job.stem for batch in batches for job in batch if job.stem in complete]
+        if rank == 0 and grouped:
+            print(f"skipped {len(complete)} of {len(jobs)} inputs (outputs complete)", flush=True)
+        elif not grouped:
+            print(f"skipped {len(report.complete)} of {sum(map(len, batches))} inputs of rank {rank} "
+                  "(outputs complete)", flush=True)
         batches = [kept for batch in batches if (kept := [job for job in batch if job.stem not in complete])]
         barrier()  # every rank has listed the folder before any rank writes to it
     runner = _Runner(editor, args, out_dir, cameras, orbit_cameras(args.video_frames) if args.video else None,
