@@ -144,31 +144,16 @@ def test_checkpoint_being_written_by_a_killed_rank_is_never_chosen(data, referen
     assert _checkpoints(run) == ["step_00000002", "step_00000004"]  # the killed save's leftover is gone
 
 
-def test_restart_before_the_first_checkpoint_starts_from_scratch(tmp_path, monkeypatch, capsys):
-    """A torchrun restart that finds no complete checkpoint (only a killed save's temporary folder) trains
-    from scratch and purges the killed attempt's TensorBoard events: every step is logged once."""
-    from training.train import main
-
-    data = make_tiny_dataset(tmp_path / "data", n_portraits=4)
-    cfg = tiny_config(data, tmp_path / "exps", "run", "max_steps=2")
-    with testing_hooks.enabled(stop_after=1):  # the killed attempt: step 1 logged ...
-        main(cfg)
-    ckpts = tmp_path / "exps" / "run" / "checkpoints"
-    # ... but its checkpoint never got into place: a save killed before its rename
-    os.replace(ckpts / "step_00000001", ckpts / ".step_00000001.x1y2.tmp")
-    capsys.readouterr()
-
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    restarted = main(cfg)
-    assert "[train] torchrun restart 1: no complete checkpoint yet, starting from scratch" in capsys.readouterr().out
-    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
-    full = main(tiny_config(data, tmp_path / "exps", "full", "max_steps=2"))
-    assert restarted.step == 2
-    _assert_same(restarted.encoder.state_dict(), full.encoder.state_dict())
-    _assert_same(restarted.discriminator.state_dict(), full.discriminator.state_dict())
-    assert [s for s, _ in _scalars(restarted.run_dir)] == [1, 2]
-    assert _scalars(restarted.run_dir) == _scalars(full.run_dir)
-    assert _checkpoints(restarted.run_dir) == ["step_00000002"]
+def test_restart_before_the_first_checkpoint_starts_from_scratch(data, reference, tmp_path):
+    """Rank 0 dies while writing the first checkpoint (step 2, its events already on disk): the restart finds no
+    complete checkpoint, trains from scratch and purges what the killed attempt logged, so every step is
+    logged once, and the run ends bit-identical."""
+    run, log = _train(data, tmp_path, kill_while_saving=2)
+    assert "exitcode: -9" in log
+    assert "[train] torchrun restart 1: no complete checkpoint yet, starting from scratch" in log
+    _assert_same_run(run, reference)
+    assert _scalars(run) == _scalars(reference) and [s for s, _ in _scalars(run)] == [1, 2, 3, 4]
+    assert _checkpoints(run) == ["step_00000002", "step_00000004"]
 
 
 def test_resume_target_on_a_restart(tmp_path, monkeypatch):
