@@ -13,7 +13,8 @@ Writes the original 3DPE dataset layout, so the released dataset and ours are in
 
 Work is sharded by input (input i → rank i mod WORLD_SIZE), every file is written atomically
 (utils/atomic.py), and a unit (input, style) is finished once its manifest lines are written, so a
-killed job rerun with the same config resumes without redoing or duplicating work. The command is
+killed job rerun with the same config resumes without redoing or duplicating work; so does a worker group that
+torchrun restarts (`--max-restarts=N`), which reruns this same command. The command is
 `python -m tools.datagen` (docs/data.md). This module runs a rank and gathers the summary; the settings
 are in `datagen_config`, one rank's work in `datagen_worker`, the run's files and their merge in `datagen_store`.
 """
@@ -37,6 +38,7 @@ from utils.atomic import atomic_write_bytes
 from utils.config import load_config, save_config
 from utils.distributed import DistInfo, all_gather_object, barrier, destroy_distributed, init_distributed, is_dist
 from utils.errors import ConfigError
+from utils.testing_hooks import hooks, kill_at
 
 __all__ = ["Components", "DatagenConfig", "EditConfig", "FilterConfig", "InputItem", "SourceConfig", "TINY",
            "build_editor", "build_generator", "build_scorer", "edit_path", "enumerate_inputs", "main",
@@ -125,6 +127,22 @@ def _run(cfg: DatagenConfig, device: torch.device, dist: DistInfo, comps: Compon
         torch.set_num_threads(before)
 
 
+def _with_test_kill(on_unit_done: Callable[[dict], None] | None, rank: int) -> Callable[[dict], None] | None:
+    """`on_unit_done`, plus the `kill_rank_after_units` test hook (utils/testing_hooks.py) when it is set."""
+    target = hooks().kill_rank_after_units
+    if not target:
+        return on_unit_done
+    done = 0
+
+    def hook(info: dict) -> None:
+        nonlocal done
+        if on_unit_done is not None:
+            on_unit_done(info)
+        done += 1
+        kill_at(target, rank, done)
+    return hook
+
+
 def _generate(cfg: DatagenConfig, device: torch.device, dist: DistInfo, comps: Components,
               on_unit_done: Callable[[dict], None] | None) -> dict:
     out = Path(cfg.output_dir)
@@ -137,7 +155,7 @@ def _generate(cfg: DatagenConfig, device: torch.device, dist: DistInfo, comps: C
     if dist.rank == 0:
         save_config(cfg, out / "datagen_config.yaml")
 
-    worker = ShardWorker(cfg, comps, dist, device, on_unit_done)
+    worker = ShardWorker(cfg, comps, dist, device, _with_test_kill(on_unit_done, dist.rank))
     worker.load_state()
     pending = [it for it in items if any(unit_key(it.rel, e.name) not in worker.finished for e in edit_types)
                or not worker.input_done(it.rel)]

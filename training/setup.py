@@ -273,11 +273,16 @@ class TrainingSetup:
     step: int                        # steps done so far
     epoch: int                       # the epoch of the next batch
     position: int                    # batches of that epoch already done
+    restarts: int = 0                # torchrun restarts of the worker group so far (0: a first launch)
 
 
-def resume_target(cfg: TrainConfig, ckpt_root: Path) -> Path | None:
-    """The checkpoint directory to resume from: none, the newest of this run ('auto'), or a named one."""
-    if cfg.resume == "auto":
+def resume_target(cfg: TrainConfig, ckpt_root: Path, restarts: int = 0) -> Path | None:
+    """The checkpoint directory to resume from: none, the newest of this run ('auto'), or a named one.
+
+    `restarts` > 0 (torchrun restarted the workers, `du.restart_count()`) without a `resume` acts as 'auto':
+    the restarted group goes on from the newest complete checkpoint, or starts from scratch when there is none.
+    """
+    if cfg.resume == "auto" or (restarts > 0 and not cfg.resume):
         return st.latest_checkpoint(ckpt_root)
     if cfg.resume:
         resume_dir = Path(cfg.resume)
@@ -287,7 +292,7 @@ def resume_target(cfg: TrainConfig, ckpt_root: Path) -> Path | None:
     return None
 
 
-def agreed_resume_target(cfg: TrainConfig, ckpt_root: Path) -> Path | None:
+def agreed_resume_target(cfg: TrainConfig, ckpt_root: Path, restarts: int = 0) -> Path | None:
     """`resume_target` on every rank, checked to be the same checkpoint (call on all ranks).
 
     Each rank resolves the resume on its own filesystem. Ranks that find different checkpoints (or where
@@ -296,7 +301,7 @@ def agreed_resume_target(cfg: TrainConfig, ckpt_root: Path) -> Path | None:
     """
     target: Path | None = None
     try:
-        target = resume_target(cfg, ckpt_root)
+        target = resume_target(cfg, ckpt_root, restarts)
         mine: tuple[str | None, str | None] = (None if target is None else str(target), None)
     except ConfigError as e:
         mine = (None, str(e))
@@ -319,7 +324,12 @@ def build_training(cfg: TrainConfig, train_set: Dataset | None = None,
     device = info.device
     run_dir = Path(cfg.exp_dir) / cfg.name
     ckpt_root = run_dir / "checkpoints"
-    resume_dir = agreed_resume_target(cfg, ckpt_root)  # decided before anything random happens
+    # A node that torchrun restarted because another node failed keeps its count: any rank's restart counts.
+    restarts = max(du.all_gather_object(du.restart_count()))
+    resume_dir = agreed_resume_target(cfg, ckpt_root, restarts)  # decided before anything random happens
+    if restarts and info.is_main:
+        print(f"[train] torchrun restart {restarts}: " + (f"resuming from {resume_dir}" if resume_dir is not None
+              else "no complete checkpoint yet, starting from scratch"), flush=True)
 
     # ---- networks: built from the same seed on every rank, then each rank gets its own stream
     torch.manual_seed(cfg.seed)
@@ -380,4 +390,4 @@ def build_training(cfg: TrainConfig, train_set: Dataset | None = None,
         trainable=trainable, opt_g=opt_g, opt_d=opt_d, sched_g=sched_g, loader=loader, val_set=val_set,
         cam_gen=cam_gen, steps_per_epoch=steps_per_epoch, total_steps=total_steps, configs=nets["configs"],
         source=nets["source"], card=training_card(cfg, train_set, nets["source"]) if info.is_main else None,
-        step=step, epoch=epoch, position=position)
+        step=step, epoch=epoch, position=position, restarts=restarts)

@@ -12,8 +12,9 @@ Layout of a run directory (`exps/<name>/`):
     final/                           the snapshot written at the end (plus 3dpe.pt when exported)
 
 A checkpoint directory is built under a hidden temporary name and renamed into place
-(`utils.atomic.atomic_directory`), so a killed run never leaves a half-written `step_*` behind;
-`latest_checkpoint` only sees complete ones, and the next save removes what a killed one left.
+(`utils.atomic.atomic_directory`), and an old one is renamed out of sight before it is deleted, so a killed
+run never leaves a half-written or half-deleted `step_*` behind; `latest_checkpoint` only sees complete ones
+(which is what a torchrun restart resumes from), and the next save removes what a killed one left.
 `training_state` writes `training_state.pt` and `restore_training_state` reads it back; `snapshot_writer`
 writes the inference snapshot (into every checkpoint and into `final/`), `write_final` the end-of-run outputs.
 """
@@ -24,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -33,6 +35,7 @@ from torch import nn
 
 from utils.atomic import atomic_directory
 from utils.config import to_dict
+from utils.testing_hooks import hooks, kill_now
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
@@ -137,9 +140,14 @@ def save_checkpoint(
             os.replace(f, tmp / f.name)
         (tmp / "snapshot").rmdir()
         torch.save(training_state, tmp / STATE_FILE)
+        if hooks().kill_while_saving == step:  # tests: die with the checkpoint complete but not yet in place
+            kill_now()
     if keep_last > 0:
         for _, old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            # Out of sight first: a kill during the delete leaves a hidden leftover, not a half-deleted step_*.
+            aside = root / f".{old.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(old, aside)
+            shutil.rmtree(aside, ignore_errors=True)
     return final
 
 

@@ -19,6 +19,8 @@ the 3dpe.pt export in training/state.py.
 Resume is exact: the data order (an infinite sampler that starts at the saved epoch and batch), the per-item
 random draws (seeded by (seed, epoch, index) in the dataset), the cameras (a generator per rank) and every RNG
 state are checkpointed, so a run stopped after step k and resumed ends bit-identical to an uninterrupted one.
+Under `torchrun --max-restarts=N` a restarted worker group resumes by itself from the newest complete
+checkpoint (training/setup.py `resume_target`).
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from training.losses import LossConfig, discriminator_step, g_adv_loss, generato
 from training.setup import IndexedEpochs, TrainingSetup, build_training, set_modes
 from utils import distributed as du
 from utils.config import load_config, save_config
-from utils.testing_hooks import hooks
+from utils.testing_hooks import hooks, kill_at
 
 __all__ = ["DataConfig", "GanConfig", "LogConfig", "LossConfig", "ModelConfig", "OptimConfig", "TrainConfig",
            "StepOutput", "TrainResult", "main", "run", "train_step"]
@@ -216,16 +218,19 @@ def main(cfg: TrainConfig, train_set: Dataset | None = None, val_set: Dataset | 
     """Train (or resume); `train_set`/`val_set` replace the config's data (customize uses this)."""
     s = build_training(cfg, train_set, val_set)
     info, device = s.info, s.device
-    stop_after = hooks().stop_after  # tests: stop as if killed
+    test_hooks = hooks()
+    stop_after = test_hooks.stop_after  # tests: stop as if killed
     writer = None
     if info.is_main:
         s.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, s.run_dir / "config.yaml")
         from torch.utils.tensorboard import SummaryWriter
 
-        # Everything logged at step k (scalars, grids, validation) is written before step k's checkpoint, so a
+        # Everything logged at step k (scalars, grids, validation) is flushed before step k's checkpoint, so a
         # resume from k purges only the events of the steps after k (written by the run that went on past it).
-        writer = SummaryWriter(str(s.run_dir / "logs"), purge_step=s.step + 1 if s.resume_dir is not None else None)
+        # A torchrun restart without a checkpoint starts over, so it purges everything the killed attempt wrote.
+        purge = s.step + 1 if s.resume_dir is not None else (0 if s.restarts else None)
+        writer = SummaryWriter(str(s.run_dir / "logs"), purge_step=purge)
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if cfg.bf16 \
         else contextlib.nullcontext
     views = 2 if cfg.loss.multiview else 1
@@ -274,7 +279,10 @@ def main(cfg: TrainConfig, train_set: Dataset | None = None, val_set: Dataset | 
             epoch, position = epoch + 1, 0
         last = step >= s.total_steps or (stop_after and step >= stop_after)
         if step % cfg.log.save_interval == 0 or last:
+            if writer is not None:
+                writer.flush()  # on disk before the checkpoint: a killed rank 0 loses no event a resume keeps
             save(s, cfg, step, epoch, position)
+        kill_at(test_hooks.kill_rank_at_step, info.rank, step)  # tests: a rank dies here, torchrun restarts all
         if last:
             stopped = step < s.total_steps  # stopped by the `stop_after` test hook, as if killed
             break

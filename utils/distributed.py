@@ -91,7 +91,9 @@ def init_distributed(device: str | torch.device | None = None, *, mode: str = "o
             kwargs["device_id"] = dev
         if timeout_hours is not None:
             kwargs["timeout"] = datetime.timedelta(hours=timeout_hours)
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world, **kwargs)
+        store = restart_store(world, kwargs.get("timeout"))
+        kwargs.update({"store": store} if store is not None else {"init_method": "env://"})
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
         owns = True
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=dev, owns_group=owns)
 
@@ -174,3 +176,33 @@ def init_ranks(device: str | torch.device | None) -> DistInfo | None:
     if env_info()[2] <= 1:
         return None
     return init_distributed(device, mode="auto")
+
+
+def restart_count() -> int:
+    """How often torchrun has restarted this worker group (`TORCHELASTIC_RESTART_COUNT`; 0 on a first
+    launch or without torchrun). With `--max-restarts=N`, torchrun restarts every rank when one dies."""
+    raw = os.environ.get("TORCHELASTIC_RESTART_COUNT", "").strip() or "0"
+    try:
+        return max(int(raw), 0)
+    except ValueError as e:
+        raise ConfigError(f"bad TORCHELASTIC_RESTART_COUNT={raw!r} in the environment: it must be a whole number "
+                          "(torchrun sets it; unset it when not running under torchrun)") from e
+
+
+def restart_store(world_size: int, timeout: datetime.timedelta | None = None) -> dist.Store | None:
+    """A key space of its own in torchrun's store for a worker group that torchrun restarted on one node, else None.
+
+    torchrun shares its rendezvous store with the workers and keeps it across restarts, so a restarted group
+    that used it as is could read the address a killed worker published and fail to connect
+    (pytorch/pytorch#135712). On one node every rank has the same restart count, so the count names the key
+    space; across nodes it does not (a node restarted for another node's failure keeps its count), and torch's
+    own behaviour stays: there, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every torchrun avoids the problem.
+    """
+    if (restart_count() == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+            or os.environ.get("GROUP_WORLD_SIZE", "1") != "1"):
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timeout or default_pg_timeout)
+    return dist.PrefixStore(f"threedpe/restart{restart_count()}/", store)
