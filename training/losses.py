@@ -9,9 +9,10 @@ the mean over the batch of the per-sample AlexNet LPIPS (spatial average, summed
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,14 @@ from utils.errors import MissingWeightsError
 ALEXNET_FILES = ("alexnet-owt-4df8aa71.pth", "alexnet-owt-7be5be79.pth")
 ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
 IRSE50_FILE = "model_ir_se50.pth"
+
+#: A stage timer: `with stage("name"): ...` around each part of a step (benchmarks/profile_train_step.py).
+Stage = Callable[[str], ContextManager[object]]
+
+
+def no_stage(name: str) -> ContextManager[object]:
+    """The default `Stage`: times nothing."""
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -127,19 +136,22 @@ class DistillationLoss(nn.Module):
             b = F.interpolate(b.float(), size=(32, 32), mode="bilinear", align_corners=False)
         return self.lpips(a.float(), b.float()).mean()
 
-    def view_terms(self, s: dict, t: dict, rows: slice) -> dict[str, torch.Tensor]:
+    def view_terms(self, s: dict, t: dict, rows: slice, stage: Stage = no_stage) -> dict[str, torch.Tensor]:
         """Unweighted per-view terms for the rows `rows` of the student (s) and teacher (t) renders."""
-        out = {
-            "l1_image": F.l1_loss(s["image"][rows], t["image"][rows]),
-            "l1_raw": F.l1_loss(s["image_raw"][rows], t["image_raw"][rows]),
-            "depth": F.l1_loss(s["image_depth"][rows], t["image_depth"][rows]),
-            "feature": F.l1_loss(s["feature_image"][rows], t["feature_image"][rows]),
-        }
+        with stage("loss/l1_depth_feature"):
+            out = {
+                "l1_image": F.l1_loss(s["image"][rows], t["image"][rows]),
+                "l1_raw": F.l1_loss(s["image_raw"][rows], t["image_raw"][rows]),
+                "depth": F.l1_loss(s["image_depth"][rows], t["image_depth"][rows]),
+                "feature": F.l1_loss(s["feature_image"][rows], t["feature_image"][rows]),
+            }
         if self.lpips is not None:
-            out["lpips_image"] = self._lpips(s["image"][rows], t["image"][rows])
-            out["lpips_raw"] = self._lpips(s["image_raw"][rows], t["image_raw"][rows])
+            with stage("loss/lpips"):
+                out["lpips_image"] = self._lpips(s["image"][rows], t["image"][rows])
+                out["lpips_raw"] = self._lpips(s["image_raw"][rows], t["image_raw"][rows])
         if self.id_loss is not None:
-            out["id"] = self.id_loss(s["image"][rows], t["image"][rows])
+            with stage("loss/id"):
+                out["id"] = self.id_loss(s["image"][rows], t["image"][rows])
         return out
 
     def weighted_view(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -160,14 +172,16 @@ class DistillationLoss(nn.Module):
         student: dict[str, torch.Tensor],
         teacher: dict[str, torch.Tensor],
         n: int,
+        stage: Stage = no_stage,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        terms: dict[str, torch.Tensor] = {"tri": F.l1_loss(student_tri.float(), teacher_tri.float())}
+        with stage("loss/tri"):
+            terms: dict[str, torch.Tensor] = {"tri": F.l1_loss(student_tri.float(), teacher_tri.float())}
         total = self.config.tri * terms["tri"]
-        first = self.view_terms(student, teacher, slice(0, n))
+        first = self.view_terms(student, teacher, slice(0, n), stage)
         terms.update(first)
         total = total + self.weighted_view(first)
         if self.config.multiview:
-            mv = self.view_terms(student, teacher, slice(n, 2 * n))
+            mv = self.view_terms(student, teacher, slice(n, 2 * n), stage)
             terms.update({f"mv_{k}": v for k, v in mv.items()})
             total = total + self.weighted_view(mv)
         return total, terms
@@ -209,7 +223,7 @@ def g_adv_loss(D: nn.Module, image: torch.Tensor, reference: torch.Tensor, camer
 # ------------------------------------------------------------------------------------------- steps
 def discriminator_step(D_ddp: nn.Module, opt_d: torch.optim.Optimizer, real: torch.Tensor, fake: torch.Tensor,
                        reference: torch.Tensor, camera: torch.Tensor, r1_gamma: float,
-                       grad_clip: float = 0.0) -> dict[str, float]:
+                       grad_clip: float = 0.0, stage: Stage = no_stage) -> dict[str, float]:
     """One D update: real (+R1 on image and reference), then fake, each forward followed by its backward.
 
     `D_ddp` is the discriminator or its DDP wrapper; real, fake, reference N×3×R² at D's resolution, camera
@@ -219,26 +233,33 @@ def discriminator_step(D_ddp: nn.Module, opt_d: torch.optim.Optimizer, real: tor
     D = D_ddp.module if isinstance(D_ddp, nn.parallel.DistributedDataParallel) else D_ddp
     D.requires_grad_(True)
     opt_d.zero_grad(set_to_none=True)
-    loss_real, r1, logits_real = d_real_loss_r1(D_ddp, real, reference, camera, r1_gamma)
-    loss_real.backward()
-    loss_fake, logits_fake = d_fake_loss(D_ddp, fake, reference, camera)
-    loss_fake.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(D.parameters(), grad_clip)
-    opt_d.step()
+    with stage("D/real_r1_forward"):
+        loss_real, r1, logits_real = d_real_loss_r1(D_ddp, real, reference, camera, r1_gamma)
+    with stage("D/real_r1_backward"):
+        loss_real.backward()
+    with stage("D/fake_forward"):
+        loss_fake, logits_fake = d_fake_loss(D_ddp, fake, reference, camera)
+    with stage("D/fake_backward"):
+        loss_fake.backward()
+    with stage("D/optimizer"):
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(D.parameters(), grad_clip)
+        opt_d.step()
     D.requires_grad_(False)
     return {"D/loss_real": loss_real.item(), "D/loss_fake": loss_fake.item(), "D/r1": r1.item(),
             "D/logits_real": float(logits_real.mean()), "D/logits_fake": float(logits_fake.mean())}
 
 
 def generator_step(loss: torch.Tensor, opt_g: torch.optim.Optimizer, params: list[nn.Parameter],
-                   grad_clip: float = 0.0) -> dict[str, float]:
+                   grad_clip: float = 0.0, stage: Stage = no_stage) -> dict[str, float]:
     """One student update from its total loss (distillation + weighted GAN term): backward, optional clipping of
     `params` (the optimiser's parameters) to `grad_clip`, step. Returns {'grad_norm/student'} when clipping."""
     opt_g.zero_grad(set_to_none=True)
-    loss.backward()
+    with stage("G/backward"):
+        loss.backward()
     logs: dict[str, float] = {}
-    if grad_clip > 0:
-        logs["grad_norm/student"] = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-    opt_g.step()
+    with stage("G/optimizer"):
+        if grad_clip > 0:
+            logs["grad_norm/student"] = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+        opt_g.step()
     return logs

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from training import state as st
 from training.card import training_card
 from training.config import TrainConfig
-from training.losses import DistillationLoss
+from training.losses import DistillationLoss, Stage, no_stage
 from utils import distributed as du
 from utils.errors import ConfigError
 from utils.testing_hooks import hooks
@@ -45,16 +45,22 @@ class Student(nn.Module):
 
     def forward(self, image: torch.Tensor, reference: torch.Tensor, cameras: torch.Tensor,
                 deterministic: bool = False, texts: list[str] | None = None,
-                use_text: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if texts is None or use_text is None:
-            tokens, bias = self.encoder.encode_prompt(reference=reference)
-        else:
-            tokens, bias = self.prompt_tokens(reference, texts, use_text)
-        tri = self.encoder(image, tokens, bias)
+                use_text: torch.Tensor | None = None,
+                stage: Stage = no_stage) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with stage("student/encode"):
+            if texts is None or use_text is None:
+                tokens, bias = self.encoder.encode_prompt(reference=reference)
+            else:
+                tokens, bias = self.prompt_tokens(reference, texts, use_text)
+            tri = self.encoder(image, tokens, bias)
+        with stage("student/render"):
+            return tri, self._render(tri, cameras, deterministic)
+
+    def _render(self, tri: torch.Tensor, cameras: torch.Tensor, deterministic: bool) -> dict[str, torch.Tensor]:
         views = cameras.shape[0] // tri.shape[0]
         planes = tri if views == 1 else tri.repeat(views, 1, 1, 1)
         if not (self.render_chunk and torch.is_grad_enabled()):
-            return tri, self.renderer(planes, cameras, deterministic=deterministic)
+            return self.renderer(planes, cameras, deterministic=deterministic)
         # Activation checkpointing: keep only each chunk's inputs, recompute its renderer graph in backward
         # (same random draws: the RNG state is replayed). Peak memory: one chunk's graph instead of all views'.
         from torch.utils.checkpoint import checkpoint
@@ -65,7 +71,7 @@ class Student(nn.Module):
 
         parts = [checkpoint(render, planes[i:i + self.render_chunk], cameras[i:i + self.render_chunk],
                             use_reentrant=False) for i in range(0, planes.shape[0], self.render_chunk)]
-        return tri, {k: torch.cat([p[j] for p in parts]) for j, k in enumerate(RENDER_KEYS)}
+        return {k: torch.cat([p[j] for p in parts]) for j, k in enumerate(RENDER_KEYS)}
 
     def prompt_tokens(self, reference: torch.Tensor, texts: list[str],
                       use_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from training import state as st
 from training.config import DataConfig, GanConfig, LogConfig, ModelConfig, OptimConfig, TrainConfig
-from training.losses import LossConfig, discriminator_step, g_adv_loss, generator_step
+from training.losses import LossConfig, Stage, discriminator_step, g_adv_loss, generator_step, no_stage
 from training.setup import IndexedEpochs, TrainingSetup, build_training, set_modes
 from utils import distributed as du
 from utils.config import load_config, save_config
@@ -87,12 +87,14 @@ def d_sized(x: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 def teacher_views(s: TrainingSetup, target: torch.Tensor, cams: torch.Tensor, deterministic: bool,
-                  autocast: Callable[[], Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                  autocast: Callable[[], Any], stage: Stage = no_stage) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The teacher's triplane of the N targets and its renders at the V·N cameras (no graph kept)."""
     with torch.no_grad(), autocast():
-        tri = s.teacher(target)
-        planes = tri.repeat(cams.shape[0] // tri.shape[0], 1, 1, 1)
-        return tri, s.renderer(planes, cams, deterministic=deterministic)
+        with stage("teacher/lift"):
+            tri = s.teacher(target)
+        with stage("teacher/render"):
+            planes = tri.repeat(cams.shape[0] // tri.shape[0], 1, 1, 1)
+            return tri, s.renderer(planes, cams, deterministic=deterministic)
 
 
 def image_grid(columns: list[torch.Tensor], size: int) -> torch.Tensor:
@@ -169,10 +171,11 @@ class StepOutput:
 
 
 def train_step(s: TrainingSetup, cfg: TrainConfig, batch: dict[str, Any], cams: torch.Tensor, step: int,
-               autocast: Callable[[], Any], deterministic: bool = False) -> StepOutput:
+               autocast: Callable[[], Any], deterministic: bool = False, stage: Stage = no_stage) -> StepOutput:
     """One step on a batch already on the device, at the V·N cameras `cams` (`cameras_for`): teacher, student,
     distillation loss, the D step and the GAN term (from `gan.start_step`), the student's update, the schedule.
-    `deterministic` renders without random draws (parity checks); training renders randomly."""
+    `deterministic` renders without random draws (parity checks); training renders randomly. `stage` times the
+    parts (benchmarks/profile_train_step.py)."""
     n = batch["input"].shape[0]
     prompt_kw: dict[str, Any] = {}
     if cfg.model.prompt_encoder == "clip":  # each sample: its instruction text or the reference image
@@ -180,23 +183,26 @@ def train_step(s: TrainingSetup, cfg: TrainConfig, batch: dict[str, Any], cams: 
         has_text = torch.tensor([bool(t.strip()) for t in texts])  # no text: always the reference image
         use_text = (torch.rand(n, generator=s.cam_gen) < cfg.model.text_prompt_prob) & has_text
         prompt_kw = {"texts": texts, "use_text": use_text.to(s.device)}
+    if stage is not no_stage:
+        prompt_kw["stage"] = stage
 
     # Teacher: the 2D-edited target lifted to 3D, rendered at both cameras (no graph kept).
-    t_tri, t_views = teacher_views(s, batch["target"], cams, deterministic, autocast)
+    t_tri, t_views = teacher_views(s, batch["target"], cams, deterministic, autocast, stage)
     # Student: through the DDP wrapper so gradients are averaged over ranks.
     with autocast():
         s_tri, s_views = s.student_ddp(batch["input"], batch["reference"], cams, deterministic=deterministic,
                                        **prompt_kw)
-    loss, terms = s.loss_fn(s_tri, t_tri, s_views, t_views, n)
+    loss, terms = s.loss_fn(s_tri, t_tri, s_views, t_views, n, stage)
     logs: dict[str, float] = {}
     if cfg.gan.enabled and cfg.loss.adv > 0 and step >= cfg.gan.start_step:
         r = s.D.config.img_resolution
         real, ref, fake = d_sized(batch["target"], r), d_sized(batch["reference"], r), s_views["image"][:n].float()
         logs.update(discriminator_step(s.D_ddp, s.opt_d, real, fake, ref, batch["camera"], cfg.loss.r1_gamma,
-                                       cfg.optim.grad_clip))
-        terms["gan"] = g_adv_loss(s.D, fake, ref, batch["camera"])  # D is frozen now: gradients reach `fake`
+                                       cfg.optim.grad_clip, stage))
+        with stage("G/adversarial_forward"):
+            terms["gan"] = g_adv_loss(s.D, fake, ref, batch["camera"])  # D is frozen now: gradients reach `fake`
         loss = loss + cfg.loss.adv * terms["gan"]
-    logs.update(generator_step(loss, s.opt_g, s.trainable, cfg.optim.grad_clip))
+    logs.update(generator_step(loss, s.opt_g, s.trainable, cfg.optim.grad_clip, stage))
     s.sched_g.step()
     return StepOutput(loss, terms, logs, s_views, t_views)
 
