@@ -221,15 +221,11 @@ def g_adv_loss(D: nn.Module, image: torch.Tensor, reference: torch.Tensor, camer
 
 
 # ------------------------------------------------------------------------------------------- steps
-def discriminator_step(D_ddp: nn.Module, opt_d: torch.optim.Optimizer, real: torch.Tensor, fake: torch.Tensor,
-                       reference: torch.Tensor, camera: torch.Tensor, r1_gamma: float,
-                       grad_clip: float = 0.0, stage: Stage = no_stage) -> dict[str, float]:
-    """One D update: real (+R1 on image and reference), then fake, each forward followed by its backward.
-
-    `D_ddp` is the discriminator or its DDP wrapper; real, fake, reference N×3×R² at D's resolution, camera
-    N×25. D trains only inside this step: it leaves D frozen (requires_grad off), so a following
-    `g_adv_loss` sends gradients into the fake image only. Returns the `D/…` scalars for logging.
-    """
+def d_real_step(D_ddp: nn.Module, opt_d: torch.optim.Optimizer, real: torch.Tensor, reference: torch.Tensor,
+                camera: torch.Tensor, r1_gamma: float, stage: Stage = no_stage) -> dict[str, torch.Tensor]:
+    """The first half of a D update: zero D's gradients, real (+R1) forward and backward. Needs nothing of the
+    student, so a training step runs it before the student's forward: its double-backward graph and the
+    student's render graph are never alive together. Returns the (detached) real-side scalars for `d_fake_step`."""
     D = D_ddp.module if isinstance(D_ddp, nn.parallel.DistributedDataParallel) else D_ddp
     D.requires_grad_(True)
     opt_d.zero_grad(set_to_none=True)
@@ -237,6 +233,15 @@ def discriminator_step(D_ddp: nn.Module, opt_d: torch.optim.Optimizer, real: tor
         loss_real, r1, logits_real = d_real_loss_r1(D_ddp, real, reference, camera, r1_gamma)
     with stage("D/real_r1_backward"):
         loss_real.backward()
+    return {"loss_real": loss_real.detach(), "r1": r1, "logits_real": logits_real}
+
+
+def d_fake_step(D_ddp: nn.Module, opt_d: torch.optim.Optimizer, real_side: dict[str, torch.Tensor],
+                fake: torch.Tensor, reference: torch.Tensor, camera: torch.Tensor, grad_clip: float = 0.0,
+                stage: Stage = no_stage) -> dict[str, float]:
+    """The second half: fake forward and backward (gradients add to the real side's), clipping, D's step; leaves
+    D frozen (requires_grad off). Returns the `D/…` scalars for logging."""
+    D = D_ddp.module if isinstance(D_ddp, nn.parallel.DistributedDataParallel) else D_ddp
     with stage("D/fake_forward"):
         loss_fake, logits_fake = d_fake_loss(D_ddp, fake, reference, camera)
     with stage("D/fake_backward"):
@@ -246,8 +251,23 @@ def discriminator_step(D_ddp: nn.Module, opt_d: torch.optim.Optimizer, real: tor
             torch.nn.utils.clip_grad_norm_(D.parameters(), grad_clip)
         opt_d.step()
     D.requires_grad_(False)
-    return {"D/loss_real": loss_real.item(), "D/loss_fake": loss_fake.item(), "D/r1": r1.item(),
-            "D/logits_real": float(logits_real.mean()), "D/logits_fake": float(logits_fake.mean())}
+    return {"D/loss_real": real_side["loss_real"].item(), "D/loss_fake": loss_fake.item(),
+            "D/r1": real_side["r1"].item(), "D/logits_real": float(real_side["logits_real"].mean()),
+            "D/logits_fake": float(logits_fake.mean())}
+
+
+def discriminator_step(D_ddp: nn.Module, opt_d: torch.optim.Optimizer, real: torch.Tensor, fake: torch.Tensor,
+                       reference: torch.Tensor, camera: torch.Tensor, r1_gamma: float,
+                       grad_clip: float = 0.0, stage: Stage = no_stage) -> dict[str, float]:
+    """One D update: real (+R1 on image and reference), then fake, each forward followed by its backward
+    (`d_real_step` then `d_fake_step`).
+
+    `D_ddp` is the discriminator or its DDP wrapper; real, fake, reference N×3×R² at D's resolution, camera
+    N×25. D trains only inside this step: it leaves D frozen (requires_grad off), so a following
+    `g_adv_loss` sends gradients into the fake image only. Returns the `D/…` scalars for logging.
+    """
+    real_side = d_real_step(D_ddp, opt_d, real, reference, camera, r1_gamma, stage)
+    return d_fake_step(D_ddp, opt_d, real_side, fake, reference, camera, grad_clip, stage)
 
 
 def generator_step(loss: torch.Tensor, opt_g: torch.optim.Optimizer, params: list[nn.Parameter],

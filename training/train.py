@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from training import state as st
 from training.config import DataConfig, GanConfig, LogConfig, ModelConfig, OptimConfig, TrainConfig
-from training.losses import LossConfig, Stage, discriminator_step, g_adv_loss, generator_step, no_stage
+from training.losses import LossConfig, Stage, d_fake_step, d_real_step, g_adv_loss, generator_step, no_stage
 from training.setup import IndexedEpochs, TrainingSetup, build_training, set_modes
 from utils import distributed as du
 from utils.config import load_config, save_config
@@ -186,6 +186,12 @@ def train_step(s: TrainingSetup, cfg: TrainConfig, batch: dict[str, Any], cams: 
     if stage is not no_stage:
         prompt_kw["stage"] = stage
 
+    gan = cfg.gan.enabled and cfg.loss.adv > 0 and step >= cfg.gan.start_step
+    if gan:  # D's real side (+R1) first: it needs nothing of the student, and its graph is gone before the student's
+        r = s.D.config.img_resolution
+        real, ref = d_sized(batch["target"], r), d_sized(batch["reference"], r)
+        real_side = d_real_step(s.D_ddp, s.opt_d, real, ref, batch["camera"], cfg.loss.r1_gamma, stage)
+        del real
     # Teacher: the 2D-edited target lifted to 3D, rendered at both cameras (no graph kept).
     t_tri, t_views = teacher_views(s, batch["target"], cams, deterministic, autocast, stage)
     # Student: through the DDP wrapper so gradients are averaged over ranks.
@@ -194,11 +200,9 @@ def train_step(s: TrainingSetup, cfg: TrainConfig, batch: dict[str, Any], cams: 
                                        **prompt_kw)
     loss, terms = s.loss_fn(s_tri, t_tri, s_views, t_views, n, stage)
     logs: dict[str, float] = {}
-    if cfg.gan.enabled and cfg.loss.adv > 0 and step >= cfg.gan.start_step:
-        r = s.D.config.img_resolution
-        real, ref, fake = d_sized(batch["target"], r), d_sized(batch["reference"], r), s_views["image"][:n].float()
-        logs.update(discriminator_step(s.D_ddp, s.opt_d, real, fake, ref, batch["camera"], cfg.loss.r1_gamma,
-                                       cfg.optim.grad_clip, stage))
+    if gan:
+        fake = s_views["image"][:n].float()
+        logs.update(d_fake_step(s.D_ddp, s.opt_d, real_side, fake, ref, batch["camera"], cfg.optim.grad_clip, stage))
         with stage("G/adversarial_forward"):
             terms["gan"] = g_adv_loss(s.D, fake, ref, batch["camera"])  # D is frozen now: gradients reach `fake`
         loss = loss + cfg.loss.adv * terms["gan"]

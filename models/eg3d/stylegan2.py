@@ -4,9 +4,10 @@ State-dict names and shapes are EG3D's. Weights are stored unscaled ("equalized 
 gains `lr_multiplier / sqrt(fan_in)` are applied at run time. `resample_filter` buffers are used exactly
 as loaded (never recomputed from [1,3,3,1]).
 
-Inference fast path: when a SynthesisLayer/ToRGBLayer sees one style vector shared by the whole batch
-(the w-free renderer drives its super-resolution with a learned constant), no gradient is needed and no
-noise is added, the modulated+demodulated weights are input independent. They are computed once, with the
+Fast path: when a SynthesisLayer/ToRGBLayer sees one style vector shared by the whole batch (the w-free
+renderer drives its super-resolution with a learned constant), its parameters and style need no gradient and
+no noise is added, the modulated+demodulated weights are input independent (the input may need a gradient:
+training sends one through the frozen renderer). They are computed once, with the
 activation gain folded in, cached (keyed on the parameters' storage/version and the style values) and run
 as a plain convolution with the bias fused, followed by one in-place activation pass.
 """
@@ -33,6 +34,12 @@ __all__ = [
     "SynthesisBlock",
     "SynthesisNetwork",
 ]
+
+#: The folded path also serves inputs that need gradients when the layer's own parameters and style do not (a
+#: frozen renderer under a trained encoder): the same maths as the modulated path up to float rounding (the
+#: gain multiplies the weights instead of the output), with one activation tensor per layer instead of four.
+#: False restores the modulated path there (tests compare the two).
+FOLD_WITH_INPUT_GRAD = True
 
 # Activations for which act(x) * g == act(g * x) for g > 0, so the gain can be folded into weights.
 _HOMOGENEOUS = ("linear", "relu", "lrelu")
@@ -340,7 +347,8 @@ class SynthesisLayer(nn.Module):
             and self.activation in _HOMOGENEOUS
             and gain > 0
             and x.dtype == torch.float32
-            and not _needs_grad(x, w, self.weight, self.bias, self.affine.weight, self.affine.bias)
+            and (FOLD_WITH_INPUT_GRAD or not _needs_grad(x))
+            and not _needs_grad(w, self.weight, self.bias, self.affine.weight, self.affine.bias)
         )
 
     def _folded(self, w: torch.Tensor, gain: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -395,7 +403,7 @@ class SynthesisLayer(nn.Module):
             x = F.relu_(x)
         if self.conv_clamp is not None:
             c = self.conv_clamp * gain
-            x = x.clamp_(-c, c)
+            x = x.clamp(-c, c) if x.requires_grad else x.clamp_(-c, c)
         return x
 
     def forward(
@@ -469,10 +477,14 @@ class ToRGBLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, fused_modconv: bool = True) -> torch.Tensor:
         if (not self.training and w.shape[0] == 1 and x.dtype == torch.float32
-                and not _needs_grad(x, w, self.weight, self.bias, self.affine.weight, self.affine.bias)):
+                and (FOLD_WITH_INPUT_GRAD or not _needs_grad(x))
+                and not _needs_grad(w, self.weight, self.bias, self.affine.weight, self.affine.bias)):
             wm, b = self._folded(w)
             x = F.conv2d(x, wm, b, padding=self.padding)
-            return x.clamp_(-self.conv_clamp, self.conv_clamp) if self.conv_clamp is not None else x
+            if self.conv_clamp is None:
+                return x
+            return x.clamp(-self.conv_clamp, self.conv_clamp) if x.requires_grad else \
+                x.clamp_(-self.conv_clamp, self.conv_clamp)
         styles = self.affine(w) * self.weight_gain
         x = modulated_conv2d(x, self.weight, styles, demodulate=False, fused_modconv=fused_modconv)
         return bias_act(x, self.bias.to(x.dtype), clamp=self.conv_clamp)
