@@ -1,8 +1,11 @@
-"""Seconds per training step and peak memory of the full-size 3DPE distillation at batch 2, as JSON.
+"""Seconds per training step and peak memory of the full-size 3DPE distillation (batch 2 by default), as JSON.
 
     python benchmarks/bench_train.py                     # CUDA when present, else CPU
     python benchmarks/bench_train.py --device cpu --steps 2 --threads 2
     python benchmarks/bench_train.py --bf16 --steps 10
+    python benchmarks/bench_train.py --device cuda --bf16 --batch 1      # the GPU figure of issue #15
+    python benchmarks/bench_train.py --device cpu --threads 2 --batch 1 --steps 3 \
+        --set loss.id=0.1 loss.one_camera_per_batch=true model.frozen_dropout=true   # the work of the original's step
 
 Runs the real loop (training/train.py: teacher + student + one renderer + D with R1 + LPIPS, both cameras)
 on random-init full-size models and a synthetic 512² dataset written to a temporary folder; no weight files
@@ -53,33 +56,37 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--no-gan", action="store_true")
     ap.add_argument("--render-chunk", type=int, default=0, help="model.render_chunk (0 = no checkpointing)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more TrainConfig overrides, e.g. loss.id=0.1 loss.one_camera_per_batch=true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from training.losses import ALEXNET_FILES
+    from training.losses import ALEXNET_FILES, IRSE50_FILE
     from training.train import TrainConfig, main as train_main
     from utils import testing_hooks
+    from utils.config import load_config
     from utils.device import resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     steps = args.steps or (10 if device.type == "cuda" else 2)
-    have_alexnet = any((Path("pretrained_models") / f).is_file() for f in ALEXNET_FILES)
+    # random loss nets (same cost) unless both weight files are there (IR-SE50 is built when loss.id > 0)
+    have_alexnet = any((Path("pretrained_models") / f).is_file() for f in ALEXNET_FILES) and \
+        (Path("pretrained_models") / IRSE50_FILE).is_file()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = synthetic_dataset(tmp / "data", n=max(4, args.batch * (steps + args.warmup)))
-        cfg = TrainConfig(name="bench", exp_dir=str(tmp / "exps"), max_steps=steps + args.warmup,
-                          device=str(device), bf16=args.bf16, export_3dpe=False)
-        cfg.data.train_root, cfg.data.val_root, cfg.data.val_fraction = str(data), "", 0.0
-        cfg.data.batch_size, cfg.data.workers = args.batch, 2
-        cfg.model.init_checkpoint = ""  # full-size networks from random weights: the random_init hook below
-        cfg.model.render_chunk = args.render_chunk
-        cfg.gan.enabled = not args.no_gan
-        cfg.log.log_interval, cfg.log.image_interval, cfg.log.val_interval = 1, 10**9, 10**9
-        cfg.log.save_interval, cfg.log.tqdm = 10**9, False
+        # model.init_checkpoint empty: full-size networks from random weights (the random_init hook below)
+        cfg = load_config(TrainConfig, None, [
+            "name=bench", f"exp_dir={tmp / 'exps'}", f"max_steps={steps + args.warmup}", f"device={device}",
+            f"bf16={str(args.bf16).lower()}", "export_3dpe=false", f"data.train_root={data}", "data.val_root=",
+            "data.val_fraction=0.0", f"data.batch_size={args.batch}", "data.workers=2", "model.init_checkpoint=",
+            f"model.render_chunk={args.render_chunk}", f"gan.enabled={str(not args.no_gan).lower()}",
+            "log.log_interval=1", "log.image_interval=1000000000", "log.val_interval=1000000000",
+            "log.save_interval=1000000000", "log.tqdm=false", *args.set])
         reset_peak_memory(device)
         with testing_hooks.enabled(random_init=True, random_loss_nets=not have_alexnet):
             res = train_main(cfg)
@@ -95,6 +102,7 @@ def main() -> None:
         "bf16": args.bf16,
         "gan": not args.no_gan,
         "render_chunk": args.render_chunk,
+        "overrides": args.set,
         "views_per_sample": 2,
         "trainable_params": n_train,
         "steps_measured": len(times),

@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    from training.losses import ALEXNET_FILES
+    from training.losses import ALEXNET_FILES, IRSE50_FILE
     from training.setup import build_training, set_modes
     from training.train import TrainConfig, cameras_for, to_device, train_step
     from utils import testing_hooks
@@ -117,7 +117,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    have_alexnet = any((Path("pretrained_models") / f).is_file() for f in ALEXNET_FILES)
+    # random loss nets (same cost) unless both weight files are there (IR-SE50 is built when loss.id > 0)
+    have_alexnet = any((Path("pretrained_models") / f).is_file() for f in ALEXNET_FILES) and \
+        (Path("pretrained_models") / IRSE50_FILE).is_file()
     runs: list[StageTimer] = []
     step_seconds: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
