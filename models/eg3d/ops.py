@@ -252,14 +252,15 @@ def _conv2d_wrapper(
     groups: int = 1,
     transpose: bool = False,
     flip_weight: bool = True,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """conv2d / conv_transpose2d; `flip_weight=False` flips the kernel (true convolution instead of correlation)."""
     kh, kw = w.shape[2], w.shape[3]
     if not flip_weight and (kw > 1 or kh > 1):
         w = w.flip([2, 3])
     if transpose:
-        return F.conv_transpose2d(x, w, stride=stride, padding=padding, groups=groups)
-    return F.conv2d(x, w, stride=stride, padding=padding, groups=groups)
+        return _add_bias(F.conv_transpose2d(x, w, stride=stride, padding=padding, groups=groups), bias)
+    return F.conv2d(x, w, bias, stride=stride, padding=padding, groups=groups)
 
 
 def conv2d_resample(
@@ -272,8 +273,10 @@ def conv2d_resample(
     groups: int = 1,
     flip_weight: bool = True,
     flip_filter: bool = False,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """2-D convolution with optional FIR up/down-sampling.
+    """2-D convolution with optional FIR up/down-sampling, plus an optional per-channel `bias` [C_out] (fused into
+    the convolution when that is the last operation, else added at the end).
 
     x: [N, C_in, H, W]; w: [C_out, C_in/groups, kh, kw]; f: FIR filter (required when up or down > 1).
     Output: [N, C_out, H*up/down, W*up/down] for the usual `padding = k//2`.
@@ -300,17 +303,18 @@ def conv2d_resample(
     # 1×1 kernel, downsampling only: filter+downsample first, then the cheap 1×1 conv.
     if kw == 1 and kh == 1 and (down > 1 and up == 1):
         x = upfirdn2d(x, f, down=down, padding=[px0, px1, py0, py1], flip_filter=flip_filter)
-        return _conv2d_wrapper(x, w, groups=groups, flip_weight=flip_weight)
+        return _conv2d_wrapper(x, w, groups=groups, flip_weight=flip_weight, bias=bias)
 
     # 1×1 kernel, upsampling only: conv first, then upsample.
     if kw == 1 and kh == 1 and (up > 1 and down == 1):
         x = _conv2d_wrapper(x, w, groups=groups, flip_weight=flip_weight)
-        return upfirdn2d(x, f, up=up, padding=[px0, px1, py0, py1], gain=up**2, flip_filter=flip_filter)
+        return _add_bias(upfirdn2d(x, f, up=up, padding=[px0, px1, py0, py1], gain=up**2, flip_filter=flip_filter),
+                         bias)
 
     # Downsampling only: FIR filter, then strided conv.
     if down > 1 and up == 1:
         x = upfirdn2d(x, f, padding=[px0, px1, py0, py1], flip_filter=flip_filter)
-        return _conv2d_wrapper(x, w, stride=down, groups=groups, flip_weight=flip_weight)
+        return _conv2d_wrapper(x, w, stride=down, groups=groups, flip_weight=flip_weight, bias=bias)
 
     # Upsampling: transposed strided conv, then FIR filter (and optional downsampling).
     if up > 1:
@@ -332,11 +336,11 @@ def conv2d_resample(
                       flip_filter=flip_filter)
         if down > 1:
             x = upfirdn2d(x, f, down=down, flip_filter=flip_filter)
-        return x
+        return _add_bias(x, bias)
 
     # No resampling, symmetric non-negative padding: plain conv2d.
     if px0 == px1 and py0 == py1 and px0 >= 0 and py0 >= 0:
-        return _conv2d_wrapper(x, w, padding=[py0, px0], groups=groups, flip_weight=flip_weight)
+        return _conv2d_wrapper(x, w, padding=[py0, px0], groups=groups, flip_weight=flip_weight, bias=bias)
 
     # Generic fallback.
     x = upfirdn2d(x, (f if up > 1 else None), up=up, padding=[px0, px1, py0, py1], gain=up**2,
@@ -344,4 +348,8 @@ def conv2d_resample(
     x = _conv2d_wrapper(x, w, groups=groups, flip_weight=flip_weight)
     if down > 1:
         x = upfirdn2d(x, f, down=down, flip_filter=flip_filter)
-    return x
+    return _add_bias(x, bias)
+
+
+def _add_bias(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x if bias is None else x + bias.to(x.dtype).reshape(1, -1, 1, 1)

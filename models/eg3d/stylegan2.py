@@ -40,6 +40,9 @@ __all__ = [
 #: gain multiplies the weights instead of the output), with one activation tensor per layer instead of four.
 #: False restores the modulated path there (tests compare the two).
 FOLD_WITH_INPUT_GRAD = True
+#: Conv2dLayer (the discriminator's layers) folds its activation gain into the weights and its bias into the
+#: convolution (same maths up to float rounding; False: the separate bias, activation, gain passes).
+FOLD_CONV_GAIN = True
 
 # Activations for which act(x) * g == act(g * x) for g > 0, so the gain can be folded into weights.
 _HOMOGENEOUS = ("linear", "relu", "lrelu")
@@ -150,12 +153,20 @@ class Conv2dLayer(nn.Module):
                 self.bias = None
 
     def forward(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        act_gain = self.act_gain * gain
+        act_clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
+        if FOLD_CONV_GAIN and self.activation in _HOMOGENEOUS and act_gain > 0:
+            # act(conv(x, w) + b)·g == act(conv(x, g·w) + g·b): the gain goes into the (small) weights and the bias
+            # into the convolution, so the activation-sized tensor sees one activation (+ clamp) pass, not four.
+            w = self.weight * (self.weight_gain * act_gain)
+            b = (self.bias * act_gain).to(x.dtype) if self.bias is not None else None
+            x = conv2d_resample(x, w.to(x.dtype), f=self.resample_filter, up=self.up, down=self.down,
+                                padding=self.padding, flip_weight=(self.up == 1), bias=b)
+            return bias_act(x, None, act=self.activation, gain=1.0, clamp=act_clamp)
         w = self.weight * self.weight_gain
         b = self.bias.to(x.dtype) if self.bias is not None else None
         x = conv2d_resample(x, w.to(x.dtype), f=self.resample_filter, up=self.up, down=self.down,
                             padding=self.padding, flip_weight=(self.up == 1))
-        act_gain = self.act_gain * gain
-        act_clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
         return bias_act(x, b, act=self.activation, gain=act_gain, clamp=act_clamp)
 
 
