@@ -13,7 +13,8 @@ to the stage that runs them (the G loss backward covers the student's renders, L
 Memory, CPU: `peak_rss_mib` is the process's peak RSS over the whole run (getrusage); per stage, `stage_peak_rss_mib`
 is the peak RSS inside that stage (Linux: /proc/self/clear_refs resets the high-water mark before each stage),
 and `rss_after_mib` the RSS when it ends. CUDA: max allocated over the step and per stage.
-Timings on a shared machine are noisy: compare the stages' shares, not absolute seconds.
+Timings on a shared machine are noisy: compare the stages' shares, not absolute seconds; the process CPU seconds
+(`cpu_seconds`, all threads) suffer less from other processes than wall seconds do.
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ class StageTimer:
     def __init__(self, device: torch.device):
         self.device = device
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
         self.peak_mib: dict[str, float] = {}
         self.after_mib: dict[str, float] = {}
         self.order: list[str] = []
@@ -73,12 +75,13 @@ class StageTimer:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             _reset_hwm()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self._sync()
             dt = time.perf_counter() - t0
+            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.process_time() - c0
             if name not in self.seconds:
                 self.order.append(name)
             self.seconds[name] = self.seconds.get(name, 0.0) + dt
@@ -122,6 +125,7 @@ def main() -> None:
         (Path("pretrained_models") / IRSE50_FILE).is_file()
     runs: list[StageTimer] = []
     step_seconds: list[float] = []
+    step_cpu: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = synthetic_dataset(tmp / "data", n=max(4, args.batch), res=args.resolution)
@@ -141,16 +145,18 @@ def main() -> None:
         for i in range(args.warmup + args.steps):
             cams = cameras_for(batch, views, s.cam_gen, device, cfg.loss.one_camera_per_batch)
             timer = StageTimer(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             train_step(s, cfg, batch, cams, i, autocast, stage=timer)
             timer._sync()
             if i >= args.warmup:
                 step_seconds.append(time.perf_counter() - t0)
+                step_cpu.append(time.process_time() - c0)
                 runs.append(timer)
             print(f"[profile] step {i} ({'warm-up' if i < args.warmup else 'measured'}): "
                   f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     names = runs[0].order
     stages = {k: {"seconds": round(statistics.median(r.seconds[k] for r in runs), 3),
+                  "cpu_seconds": round(statistics.median(r.cpu_seconds[k] for r in runs), 3),
                   "stage_peak_rss_mib" if device.type != "cuda" else "stage_peak_allocated_mib":
                       round(max(r.peak_mib[k] for r in runs), 1),
                   "rss_after_mib" if device.type != "cuda" else "allocated_after_mib":
@@ -168,6 +174,8 @@ def main() -> None:
         "steps_measured": len(step_seconds),
         "seconds_per_step_median": round(total, 3),
         "seconds_per_step_all": [round(t, 3) for t in step_seconds],
+        # process CPU seconds (all threads): on a loaded machine, cpu / threads is closer to an idle machine's wall
+        "cpu_seconds_per_step_median": round(statistics.median(step_cpu), 3),
         "stages": stages,
         # clear_refs also resets getrusage's peak: the run's peak is the larger of it and every stage's peak.
         "peak_memory_mib": max([peak_memory_mb(device)] + [max(r.peak_mib.values()) for r in runs]),

@@ -186,6 +186,7 @@ def train_step(s: TrainingSetup, cfg: TrainConfig, batch: dict[str, Any], cams: 
     if stage is not no_stage:
         prompt_kw["stage"] = stage
 
+    s.opt_g.zero_grad(set_to_none=True)  # last step's student gradients are not kept alive through the forward
     gan = cfg.gan.enabled and cfg.loss.adv > 0 and step >= cfg.gan.start_step
     if gan:  # D's real side (+R1) first: it needs nothing of the student, and its graph is gone before the student's
         r = s.D.config.img_resolution
