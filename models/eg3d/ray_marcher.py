@@ -2,7 +2,8 @@
 
 For samples t_0..t_{S-1} along a ray: δ_i = t_{i+1} − t_i, σ̄_i = softplus((σ_i + σ_{i+1})/2 − 1),
 α_i = 1 − exp(−σ̄_i δ_i), w_i = α_i · Π_{k<i} (1 − α_k + 1e-10); colour = Σ w_i (c_i + c_{i+1})/2 mapped ×2−1;
-depth = Σ w_i t̄_i / Σ w_i (an empty ray, Σ w_i = 0: inf), clamped to [min, max] of ALL depths in the batch tensor (EG3D semantics).
+depth = Σ w_i t̄_i / Σ w_i (an empty ray, Σ w_i = 0: inf), clamped to [min, max] of ALL depths in the batch
+tensor (EG3D semantics).
 """
 from __future__ import annotations
 
