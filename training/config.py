@@ -59,6 +59,7 @@ class OptimConfig:
     betas_d: tuple[float, float] = (0.5, 0.999)
     grad_clip: float = 0.0                      # max grad norm for student and D; 0 = off (the original)
     schedule: Literal["constant", "cosine"] = "constant"  # cosine: over the run's total steps
+    warmup_steps: int = 0                       # linear warm-up of the student's lr (0 = none, the original)
 
 
 @dataclass

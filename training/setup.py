@@ -237,13 +237,17 @@ class InfiniteSampler(Sampler):
 
 
 # ============================================================================================ optimisers
-def lr_lambda(schedule: str, total: int) -> Callable[[int], float]:
-    """The student's learning-rate factor per step: 'constant' (1) or 'cosine' (1 → 0 over `total` steps).
+def lr_lambda(schedule: str, total: int, warmup: int = 0) -> Callable[[int], float]:
+    """The student's learning-rate factor per step: 'constant' (1) or 'cosine' (1 → 0 over `total` steps),
+    times a linear warm-up (s + 1) / `warmup` over the first `warmup` steps (0 = none).
 
     `schedule` is `OptimConfig.schedule`, whose type admits only these two (checked when the config loads).
     """
-    return {"constant": lambda s: 1.0,
+    base = {"constant": lambda s: 1.0,
             "cosine": lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(total, 1)))}[schedule]
+    if warmup <= 0:
+        return base
+    return lambda s: base(s) * min(1.0, (s + 1) / warmup)
 
 
 # ============================================================================================ the setup
@@ -373,7 +377,8 @@ def build_training(cfg: TrainConfig, train_set: Dataset | None = None,
         raise ConfigError(f"the training set gives no full batch of {cfg.data.batch_size} per rank "
                           f"({len(train_set)} items, {info.world_size} ranks)")
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
-    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda(cfg.optim.schedule, total_steps))
+    schedule = lr_lambda(cfg.optim.schedule, total_steps, cfg.optim.warmup_steps)
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, schedule)
     cam_gen = torch.Generator().manual_seed(du.rank_seed(cfg.seed, info.rank) + 17)
 
     # ---- state

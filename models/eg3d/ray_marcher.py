@@ -2,7 +2,8 @@
 
 For samples t_0..t_{S-1} along a ray: δ_i = t_{i+1} − t_i, σ̄_i = softplus((σ_i + σ_{i+1})/2 − 1),
 α_i = 1 − exp(−σ̄_i δ_i), w_i = α_i · Π_{k<i} (1 − α_k + 1e-10); colour = Σ w_i (c_i + c_{i+1})/2 mapped ×2−1;
-depth = Σ w_i t̄_i / Σ w_i, NaN → inf, clamped to [min, max] of ALL depths in the batch tensor (EG3D semantics).
+depth = Σ w_i t̄_i / Σ w_i (an empty ray, Σ w_i = 0: inf), clamped to [min, max] of ALL depths in the batch
+tensor (EG3D semantics).
 """
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ class MipRayMarcher2(torch.nn.Module):
         weights = interval_weights(densities, depths, clamp_mode, dim=-2)
         composite_rgb = torch.sum(weights * colors_mid, -2)
         weight_total = weights.sum(2)
-        composite_depth = torch.sum(weights * depths_mid, -2) / weight_total
-        composite_depth = torch.nan_to_num(composite_depth, float("inf"))
+        hit = weight_total > 0  # an empty ray: depth inf as EG3D's 0/0 → NaN → inf, with a zero (not NaN) gradient
+        composite_depth = torch.sum(weights * depths_mid, -2) / torch.where(hit, weight_total, 1.0)
+        composite_depth = torch.where(hit, composite_depth, float("inf"))
         composite_depth = torch.clamp(composite_depth, torch.min(depths), torch.max(depths))
         if white_back:
             composite_rgb = composite_rgb + 1 - weight_total

@@ -209,8 +209,11 @@ class ImportanceRenderer(nn.Module):
 
         w = interval_weights(all_s, all_d, cfg.clamp_mode)  # [R, S_all - 1]
         w_total = w.sum(-1)
-        depth = (w * (0.5 * (all_d[:, :-1] + all_d[:, 1:]))).sum(-1) / w_total
-        depth = torch.nan_to_num(depth, float("inf"))
+        # An empty ray (Σw = 0) gets depth inf (then clamped), as 0/0 → NaN → inf does in EG3D; dividing by 1
+        # there instead keeps its gradient 0, not the NaN that 0/0 sends back into every trained weight.
+        hit = w_total > 0
+        depth = (w * (0.5 * (all_d[:, :-1] + all_d[:, 1:]))).sum(-1) / torch.where(hit, w_total, 1.0)
+        depth = torch.where(hit, depth, float("inf"))
 
         v = sample_weights(w)  # per sample, sorted order
         if idx is not None:
