@@ -15,8 +15,8 @@ The experiment runs in four stages:
    loads the teacher, the renderer and the student's Live3D part from it, exactly as the real recipe does
    with the Live3D LT checkpoint.
 2. Student. `training.train.main` runs on pairs made on the fly (configs/train_tiny.yaml, the full loss stack at
-   its released weights; lr 1e-3, 50 warm-up steps, cosine schedule, 600 steps): the loop lifts each target
-   with the frozen teacher itself.
+   its released weights except the triplane L1 at 4×; lr 1e-3, 50 warm-up steps, cosine schedule, 600 steps):
+   the loop lifts each target with the frozen teacher itself.
 3. Baseline (b). The same recipe runs again with shuffled references, each showing a different rule.
 4. Evaluation on held-out identities, rule parameters and cameras: the input view, and two side cameras at
    yaw ±30°, outside the training inputs' ±15°. It reports the L1 error against the target (the teacher's
@@ -84,6 +84,7 @@ class ExperimentConfig:
     student_batch: int = 2
     student_lr: float = 1e-3
     student_schedule: str = "cosine"      # optim.schedule of the student runs
+    student_triplane_weight: float = 4.0   # loss.tri: 4× the released weight (see docs/training.md)
     student_warmup: int = 50               # optim.warmup_steps (full-lr first AdamW steps can blow it up)
     train_overrides: list[str] = field(default_factory=list)
     max_ratio_a: float = 0.5
@@ -289,6 +290,7 @@ def train_overrides(cfg: ExperimentConfig, out: Path, name: str, teacher_dir: Pa
             f"model.init_checkpoint={teacher_dir}", f"data.resolution={cfg.resolution}",
             f"data.batch_size={cfg.student_batch}", f"optim.lr={cfg.student_lr}",
             f"optim.schedule={cfg.student_schedule}", f"optim.warmup_steps={cfg.student_warmup}",
+            f"loss.tri={cfg.student_triplane_weight}",
             "log.log_interval=5", f"log.image_interval={n}", f"log.val_interval={10 * n}",
             f"log.save_interval={n}", "log.keep_last=1", *cfg.train_overrides]
 
