@@ -539,17 +539,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any] | None:
 
 
 def _machine() -> dict[str, Any]:
-    import platform
+    from utils.device import cpu_name
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
             "threads_per_rank": torch.get_num_threads()}
 
 
