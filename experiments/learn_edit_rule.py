@@ -547,7 +547,7 @@ def _machine() -> dict[str, Any]:
 
 def quick_config(out: str, seed: int = 0) -> ExperimentConfig:
     """The shortened run of the test suite: one process, fewer steps, no shuffled-reference run."""
-    return ExperimentConfig(out=out, seed=seed, teacher_steps=150, teacher_batch=4, student_steps=150,
+    return ExperimentConfig(out=out, seed=seed, teacher_steps=110, teacher_batch=4, student_steps=100,
                             student_batch=4, eval_pairs=32, skip_shuffled=True)
 
 
