@@ -149,6 +149,17 @@ def _discriminator_config_from_eg3d(cls: type, init_args: tuple, kw: dict) -> An
     return cls(**vals)
 
 
+def _generator_entry(g_sd: Mapping[str, torch.Tensor], g_args: tuple, g_kwargs: dict[str, Any], nrr: int | None,
+                     rk: dict[str, Any], configs: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
+    """The generator's part of an EG3D checkpoint (.pkl or .pth): (components, configs, config_matched, eg3d meta)."""
+    cfgs: dict[str, Any] = {}
+    matched: dict[str, bool | None] = {}
+    cfgs["generator"], matched["generator"] = _generator_config(g_args, g_kwargs, nrr, rk, configs.get("generator"))
+    eg3d: dict[str, Any] = {"G_init_args": list(g_args), "G_init_kwargs": g_kwargs,
+                            "G_neural_rendering_resolution": nrr, "G_rendering_kwargs": rk}
+    return {"generator": g_sd}, cfgs, matched, eg3d
+
+
 def _from_eg3d_pkl(snap: Mapping[str, Any], configs: dict[str, Any]) -> LoadedCheckpoint:
     from models.safe_unpickle import (
         flatten_persistent_state,
@@ -163,12 +174,7 @@ def _from_eg3d_pkl(snap: Mapping[str, Any], configs: dict[str, Any]) -> LoadedCh
     g_sd = flatten_persistent_state(g)
     g_args, g_kwargs = read_init_args(g), read_init_kwargs(g)
     nrr, rk = read_neural_rendering_resolution(g), read_rendering_kwargs(g)
-    components: dict[str, Any] = {"generator": g_sd}
-    cfgs: dict[str, Any] = {}
-    matched: dict[str, bool | None] = {}
-    cfgs["generator"], matched["generator"] = _generator_config(g_args, g_kwargs, nrr, rk, configs.get("generator"))
-    eg3d: dict[str, Any] = {"G_init_args": list(g_args), "G_init_kwargs": g_kwargs,
-                            "G_neural_rendering_resolution": nrr, "G_rendering_kwargs": rk}
+    components, cfgs, matched, eg3d = _generator_entry(g_sd, g_args, g_kwargs, nrr, rk, configs)
     d = snap.get("D")
     if d is not None:
         d_sd = flatten_persistent_state(d)
@@ -202,12 +208,7 @@ def _from_eg3d_pth(obj: Mapping[str, Any], configs: dict[str, Any]) -> LoadedChe
         c_dim = int(g_kwargs.get("c_dim", g_args[1] if len(g_args) > 1 else 25))
         g_sd = collections.OrderedDict([("dataset_label_std", torch.ones(c_dim))] + list(g_sd.items()))
         added_label_std = True
-    components: dict[str, Any] = {"generator": g_sd}
-    cfgs: dict[str, Any] = {}
-    matched: dict[str, bool | None] = {}
-    cfgs["generator"], matched["generator"] = _generator_config(g_args, g_kwargs, nrr, rk, configs.get("generator"))
-    eg3d: dict[str, Any] = {"G_init_args": list(g_args), "G_init_kwargs": g_kwargs,
-                            "G_neural_rendering_resolution": nrr, "G_rendering_kwargs": rk}
+    components, cfgs, matched, eg3d = _generator_entry(g_sd, g_args, g_kwargs, nrr, rk, configs)
     d = obj.get("D")
     d_args = tuple(to_plain(obj.get("D_init_args") or ()))
     d_kwargs = to_plain(dict(obj.get("D_init_kwargs") or {}))
