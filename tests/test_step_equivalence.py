@@ -1,7 +1,9 @@
 """The faster training step computes what the plain step computes (issue #15): every loss term, the D scalars and
 every gradient the two optimisers see agree within 1e-5 relative with a recomputation on the slow path
 (the order of the original step: distillation, then the whole D step; the frozen renderer's super-resolution on
-modulated weights; the discriminator's layers with separate bias, activation and gain passes), on tiny models with deterministic rendering, every loss term on and the GAN from step 0."""
+modulated weights; the discriminator's layers with separate bias, activation and gain passes; plain autograd through
+the student's triplane lookups and decoder), on tiny models with deterministic rendering, every loss term on and
+the GAN from step 0."""
 from __future__ import annotations
 
 import contextlib
@@ -71,7 +73,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> float:
 def steps(tmp_path_factory):
     """One step of the fast path (recording the order of D and student calls) and one of the slow path, from
     identical setups."""
-    from models.eg3d import stylegan2
+    from models.eg3d import renderer, stylegan2
     from training.train import train_step
 
     tmp = tmp_path_factory.mktemp("equivalence")
@@ -83,8 +85,8 @@ def steps(tmp_path_factory):
     out = train_step(s_fast, cfg, batch, cams, 0, contextlib.nullcontext, deterministic=True)
     [h.remove() for h in hooks]
 
-    saved = stylegan2.FOLD_WITH_INPUT_GRAD, stylegan2.FOLD_CONV_GAIN
-    stylegan2.FOLD_WITH_INPUT_GRAD = stylegan2.FOLD_CONV_GAIN = False
+    saved = stylegan2.FOLD_WITH_INPUT_GRAD, stylegan2.FOLD_CONV_GAIN, renderer.RECOMPUTE_FROZEN_DECODE
+    stylegan2.FOLD_WITH_INPUT_GRAD = stylegan2.FOLD_CONV_GAIN = renderer.RECOMPUTE_FROZEN_DECODE = False
     try:
         s_slow, cfg2, batch2, cams2 = _setup(tmp / "slow", "slow")
         assert torch.equal(batch["input"], batch2["input"]) and torch.equal(cams, cams2)
@@ -92,7 +94,7 @@ def steps(tmp_path_factory):
         loss, terms, logs = slow_step(s_slow, cfg2, batch2, cams2)
         [h.remove() for h in hooks]
     finally:
-        stylegan2.FOLD_WITH_INPUT_GRAD, stylegan2.FOLD_CONV_GAIN = saved
+        stylegan2.FOLD_WITH_INPUT_GRAD, stylegan2.FOLD_CONV_GAIN, renderer.RECOMPUTE_FROZEN_DECODE = saved
     return {"fast": (out, got_fast, s_fast), "slow": (loss, terms, logs, got_slow, s_slow), "calls": calls}
 
 

@@ -20,6 +20,10 @@ compositing the original throws away is skipped; the final colour composite uses
 v_j = (w_{j-1} + w_j)/2 scattered back to the unsorted samples, so colours are never concatenated,
 gathered or averaged into midpoints, and the sigmoid's affine map is applied after compositing. The
 depth clamp uses the min/max over every depth of the whole batch, as in the original.
+
+Training (the triplane needs gradients, the decoder is frozen): the lookups and the decoder run in
+`FrozenDecode` and the colour composite in `CompositeColours`, which keep only the points and the sample weights
+and recompute the rest in backward; each triplane gets its own row table.
 """
 from __future__ import annotations
 
@@ -37,9 +41,17 @@ __all__ = [
     "project_onto_planes",
     "sample_from_planes",
     "sample_pdf",
+    "corner_rows",
+    "DecodeRecompute",
+    "FrozenDecode",
+    "CompositeColours",
     "ImportanceRenderer",
 ]
 
+
+#: Decode with `FrozenDecode`/`CompositeColours` (recomputation in backward) when the triplane needs gradients and
+#: the decoder does not; False: plain autograd through the lookup and the MLP (the reference for tests).
+RECOMPUTE_FROZEN_DECODE = True
 
 # World-coordinate columns read by planes 0, 1, 2 as (u, v): equals `coords @ inverse(generate_planes()[k])[:, :2]`.
 _PLANE_COLS = [0, 1, 0, 2, 2, 0]
@@ -96,6 +108,141 @@ def sample_pdf(bins: torch.Tensor, weights: torch.Tensor, n_importance: int, u: 
     return bins_g[..., 0] + (u - cdf_g[..., 0]) / denom * (bins_g[..., 1] - bins_g[..., 0])
 
 
+def corner_rows(uv: torch.Tensor, plane_hw: tuple[int, int], table_offset: int, box_warp: float, table_rows: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear corners of points in a `plane_table`: uv [P, 6] world coordinates per plane (u0, v0, u1, v1, u2, v2)
+    → (row indices [P, 12] into the table, weights [P, 12]): 3 planes × 4 corners, grid_sample(align_corners=False)'s
+    unnormalisation; out-of-range corners land on the zero border."""
+    h, w = plane_hw
+    idt = torch.int32 if table_rows < 2**31 - 1 else torch.int64
+    uv = (2 / box_warp) * uv  # [-1, 1] inside the box
+
+    def axis(c: torch.Tensor, size: int):
+        pix = ((c + 1) * size - 1) / 2
+        f0 = torch.floor(pix)
+        w1 = pix - f0
+        i1 = (f0 + 1).clamp_(-1, size).to(idt)
+        i0 = f0.clamp_(-1, size).to(idt)
+        return i0, i1, 1 - w1, w1
+
+    if h == w:  # one pass over all six columns, then split into u (even) and v (odd) columns
+        a = axis(uv, w)
+        u0, u1, wu0, wu1 = (t[:, 0::2] for t in a)
+        v0, v1, wv0, wv1 = (t[:, 1::2] for t in a)
+    else:
+        u0, u1, wu0, wu1 = axis(uv[:, 0::2], w)
+        v0, v1, wv0, wv1 = axis(uv[:, 1::2], h)
+    stride_v = w + 2
+    base = table_offset + torch.arange(3, device=uv.device, dtype=idt) * ((h + 2) * (w + 2)) + stride_v + 1
+    r0 = base + v0 * stride_v
+    r1 = base + v1 * stride_v
+    idx = torch.stack([r0 + u0, r0 + u1, r1 + u0, r1 + u1], -1).view(-1, 12)
+    wts = torch.stack([wv0 * wu0, wv0 * wu1, wv1 * wu0, wv1 * wu1], -1).view(-1, 12).to(dtype)
+    return idx, wts
+
+
+class DecodeRecompute:
+    """What a frozen-decoder lookup needs to be recomputed in backward (the triplane table and the points), and
+    the recomputation, made once and shared by `FrozenDecode` and `CompositeColours`: computed by whichever of
+    the two runs backward first (the composite, for the colours), released by `FrozenDecode` (always the last).
+    """
+
+    def __init__(self, table: torch.Tensor, uv: torch.Tensor, decoder: OSGDecoder, plane_hw: tuple[int, int],
+                 table_offset: int, box_warp: float):
+        self.table, self.uv, self.decoder = table, uv, decoder
+        self.plane_hw, self.table_offset, self.box_warp = plane_hw, table_offset, box_warp
+        self._cache: dict[str, torch.Tensor] | None = None
+
+    def hidden(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(corner rows [P, 12], corner weights [P, 12], effective w0 (1/3 folded) [H, C], w1 [1+C_out, H],
+        b1 [1+C_out], pre-activation z [P, H])."""
+        idx, wts = corner_rows(self.uv, self.plane_hw, self.table_offset, self.box_warp, self.table.shape[0],
+                               self.table.dtype)
+        fc0, fc1 = self.decoder.net[0], self.decoder.net[2]
+        dt = self.table.dtype
+        w0 = fc0.effective_weight(dt) * (1.0 / 3)
+        plane_sum = F.embedding_bag(idx, self.table, mode="sum", per_sample_weights=wts)
+        z = torch.addmm(fc0.effective_bias(dt).unsqueeze(0), plane_sum, w0.t())
+        return idx, wts, w0, fc1.effective_weight(dt), fc1.effective_bias(dt), z
+
+    def backward_inputs(self) -> dict[str, torch.Tensor]:
+        """The recomputed forward with Softplus's derivative: idx, wts, w0, w1, h, dh_dz, col (sigmoid(logits))."""
+        if self._cache is None:
+            with torch.no_grad():
+                idx, wts, w0, w1, b1, z = self.hidden()
+                if bool(z.max() <= 20):  # below Softplus's threshold: log1p(e^z), derivative e^z / (1 + e^z)
+                    e = z.exp_()
+                    h = torch.log1p(e)
+                    dh_dz = e.div_(e + 1)
+                else:  # sigmoid is 1.0 (float32) above the threshold, where softplus' derivative is 1
+                    h, dh_dz = F.softplus(z), torch.sigmoid(z)
+                col = torch.addmm(b1[1:].unsqueeze(0), h, w1[1:].t()).sigmoid_()
+                self._cache = {"idx": idx, "wts": wts, "w0": w0, "w1": w1, "dh_dz": dh_dz, "col": col}
+        return self._cache
+
+    def release(self) -> None:
+        self._cache = None
+
+
+class FrozenDecode(torch.autograd.Function):
+    """Triplane lookup + frozen OSGDecoder with gradients for the triplane table only, recomputed in backward.
+
+    forward(table [T, C] (`ImportanceRenderer.plane_table`), uv [P, 6], recompute (`DecodeRecompute` of the two))
+    → (sigma [P] raw, colours [P, C_out] = sigmoid(logits) in (0, 1)), the autograd path's values. For backward
+    only `uv` is kept (24 bytes a point instead of ~480: corner indices and weights, the hidden layer before and
+    after Softplus, the colours); the lookup and the MLP are recomputed there. With `CompositeColours` for the
+    colours' compositing, the student's render graph at full size is ~1.3 GB smaller. The table gradient equals
+    the autograd path's up to float rounding (tests/test_frozen_decode.py).
+    """
+
+    @staticmethod
+    def forward(ctx, table, uv, recompute: DecodeRecompute):
+        _, _, _, w1, b1, z = recompute.hidden()
+        h = F.softplus(z)
+        sigma = torch.addmv(b1[0], h, w1[0])
+        col = torch.addmm(b1[1:].unsqueeze(0), h, w1[1:].t()).sigmoid_()
+        ctx.save_for_backward(table, uv)  # version checks; the tensors themselves are the recompute's
+        ctx.recompute = recompute
+        return sigma, col
+
+    @staticmethod
+    def backward(ctx, g_sigma, g_col):
+        table, _ = ctx.saved_tensors
+        r = ctx.recompute.backward_inputs()
+        ctx.recompute.release()
+        with torch.no_grad():
+            col, w1 = r["col"], r["w1"]
+            g_logits = (1 - col).mul_(col).mul_(g_col)                                  # sigmoid'
+            g_h = torch.mm(g_logits, w1[1:]).addr_(g_sigma, w1[0]).mul_(r["dh_dz"])     # [P, H]
+            g_sum = torch.mm(g_h, r["w0"])                                              # [P, C]
+            g_table = torch.zeros_like(table)
+            rows, wts = r["idx"].long(), r["wts"]
+            for k in range(rows.shape[1]):  # one corner at a time: no [P, 12, C] temporary
+                g_table.index_add_(0, rows[:, k], g_sum * wts[:, k:k + 1])
+        return g_table, None, None
+
+
+class CompositeColours(torch.autograd.Function):
+    """Σ_j v_j · col_j per ray (v [R, K] sample weights, col [R·K, C] from `FrozenDecode`) → [R, C], keeping only
+    v for backward: the colours are taken from the shared recomputation instead of being saved."""
+
+    @staticmethod
+    def forward(ctx, v, col, recompute: DecodeRecompute):
+        r, k = v.shape
+        ctx.save_for_backward(v)
+        ctx.recompute = recompute
+        return torch.bmm(v.unsqueeze(1), col.view(r, k, -1))[:, 0]
+
+    @staticmethod
+    def backward(ctx, g):
+        (v,) = ctx.saved_tensors
+        r, k = v.shape
+        col = ctx.recompute.backward_inputs()["col"].view(r, k, -1)
+        g_v = torch.bmm(col, g.unsqueeze(2))[..., 0] if ctx.needs_input_grad[0] else None
+        g_col = (v.unsqueeze(2) * g.unsqueeze(1)).view(r * k, -1) if ctx.needs_input_grad[1] else None
+        return g_v, g_col, None
+
+
 class ImportanceRenderer(nn.Module):
     """Volume renderer over triplanes (no parameters; `plane_axes` is a non-persistent buffer)."""
 
@@ -116,39 +263,24 @@ class ImportanceRenderer(nn.Module):
 
     def _decode(self, table: torch.Tensor, plane_hw: tuple[int, int], table_offset: int, decoder: OSGDecoder,
                 uv: torch.Tensor):
-        """Decode points of one triplane (rows from `table_offset`) → (sigma [P], color logits [P, C_out]).
+        """Decode points of one triplane (rows from `table_offset`) → (sigma [P], colours [P, C_out] in (0, 1),
+        the `DecodeRecompute` of the `FrozenDecode` path or None).
 
         uv: [P, 6] world coordinates already arranged per plane as (u0, v0, u1, v1, u2, v2) = (x, y, x, z, z, x)
-        (EG3D's plane axes; u → width). Bilinear lookups use grid_sample(align_corners=False)'s unnormalisation;
-        the 12 weighted texel rows (3 planes × 4 corners) are summed by one embedding_bag.
+        (EG3D's plane axes; u → width). The colours are sigmoid(logits), before EG3D's affine map.
+        When the table needs gradients and the decoder does not (the student's renders in training), the
+        decode runs through `FrozenDecode`, which keeps only `uv` for backward instead of every MLP activation.
         """
-        h, w = plane_hw
-        idt = torch.int32 if table.shape[0] < 2**31 - 1 else torch.int64
-        uv = (2 / self.config.box_warp) * uv  # [-1, 1] inside the box
-
-        def axis(c: torch.Tensor, size: int):
-            pix = ((c + 1) * size - 1) / 2
-            f0 = torch.floor(pix)
-            w1 = pix - f0
-            i1 = (f0 + 1).clamp_(-1, size).to(idt)
-            i0 = f0.clamp_(-1, size).to(idt)
-            return i0, i1, 1 - w1, w1
-
-        if h == w:  # one pass over all six columns, then split into u (even) and v (odd) columns
-            a = axis(uv, w)
-            u0, u1, wu0, wu1 = (t[:, 0::2] for t in a)
-            v0, v1, wv0, wv1 = (t[:, 1::2] for t in a)
-        else:
-            u0, u1, wu0, wu1 = axis(uv[:, 0::2], w)
-            v0, v1, wv0, wv1 = axis(uv[:, 1::2], h)
-        stride_v = w + 2
-        base = table_offset + torch.arange(3, device=uv.device, dtype=idt) * ((h + 2) * (w + 2)) + stride_v + 1
-        r0 = base + v0 * stride_v
-        r1 = base + v1 * stride_v
-        idx = torch.stack([r0 + u0, r0 + u1, r1 + u0, r1 + u1], -1).view(-1, 12)  # [P, 3 planes × 4 corners]
-        wts = torch.stack([wv0 * wu0, wv0 * wu1, wv1 * wu0, wv1 * wu1], -1).view(-1, 12).to(table.dtype)
-        plane_sum = F.embedding_bag(idx, table, mode="sum", per_sample_weights=wts)  # [P, C]
-        return decoder.raw_from_plane_sum(plane_sum, 3)
+        if (RECOMPUTE_FROZEN_DECODE and torch.is_grad_enabled() and table.requires_grad
+                and table.dtype == torch.float32
+                and not torch.is_autocast_enabled(table.device.type)
+                and not any(p.requires_grad for p in decoder.parameters())):
+            recompute = DecodeRecompute(table, uv, decoder, plane_hw, table_offset, self.config.box_warp)
+            return (*FrozenDecode.apply(table, uv, recompute), recompute)
+        idx, wts = corner_rows(uv, plane_hw, table_offset, self.config.box_warp, table.shape[0], table.dtype)
+        sigma, logits = decoder.raw_from_plane_sum(F.embedding_bag(idx, table, mode="sum", per_sample_weights=wts), 3)
+        grad = torch.is_grad_enabled() and logits.requires_grad
+        return sigma, (torch.sigmoid(logits) if grad else logits.sigmoid_()), None
 
     def run_model(self, planes: torch.Tensor, decoder: OSGDecoder, coordinates: torch.Tensor) -> dict:
         """Reference decode at arbitrary points: planes [N, 3, C, H, W], coordinates [N, M, 3] → {'rgb', 'sigma'}."""
@@ -180,13 +312,12 @@ class ImportanceRenderer(nn.Module):
     def _render_chunk(self, table, plane_hw, offset, decoder, o, d, jitter, u, noise_c, noise_f):
         cfg = self.config
         r = o.shape[0]
-        grad = torch.is_grad_enabled()
         depths_c = self._coarse_depths(r, jitter, o.device, o.dtype)
         # Ray origins/directions with their coordinates arranged per plane: (x, y), (x, z), (z, x).
         o = o[:, _PLANE_COLS]
         d = d[:, _PLANE_COLS]
         pts = o[:, None, :] + depths_c[..., None] * d[:, None, :]
-        sigma_c, logits_c = self._decode(table, plane_hw, offset, decoder, pts.reshape(-1, 6))
+        sigma_c, col_c, rec_c = self._decode(table, plane_hw, offset, decoder, pts.reshape(-1, 6))
         sigma_c = sigma_c.view(r, -1)
         if noise_c is not None:
             sigma_c = sigma_c + noise_c
@@ -195,17 +326,17 @@ class ImportanceRenderer(nn.Module):
                 w_c = interval_weights(sigma_c, depths_c, cfg.clamp_mode)
             depths_f = self._importance_depths(depths_c, w_c, u)
             pts = o[:, None, :] + depths_f[..., None] * d[:, None, :]
-            sigma_f, logits_f = self._decode(table, plane_hw, offset, decoder, pts.reshape(-1, 6))
+            sigma_f, col_f, rec_f = self._decode(table, plane_hw, offset, decoder, pts.reshape(-1, 6))
             sigma_f = sigma_f.view(r, -1)
             if noise_f is not None:
                 sigma_f = sigma_f + noise_f
             all_d, idx = torch.sort(torch.cat([depths_c, depths_f], -1), dim=-1)
             all_s = torch.gather(torch.cat([sigma_c, sigma_f], -1), -1, idx)
-            logits = [logits_c.view(r, depths_c.shape[1], -1), logits_f.view(r, depths_f.shape[1], -1)]
+            cols = [(col_c, rec_c), (col_f, rec_f)]
         else:
             idx = None
             all_d, all_s = depths_c, sigma_c
-            logits = [logits_c.view(r, depths_c.shape[1], -1)]
+            cols = [(col_c, rec_c)]
 
         w = interval_weights(all_s, all_d, cfg.clamp_mode)  # [R, S_all - 1]
         w_total = w.sum(-1)
@@ -220,10 +351,11 @@ class ImportanceRenderer(nn.Module):
             v = torch.zeros_like(v).scatter(-1, idx, v)  # back to [coarse | fine] order
         acc = None
         start = 0
-        for lg in logits:
-            k = lg.shape[1]
-            col = torch.sigmoid(lg) if grad and lg.requires_grad else lg.sigmoid_()
-            part = torch.bmm(v[:, None, start:start + k], col)[:, 0]
+        for col, rec in cols:
+            k = col.shape[0] // r
+            vk = v[:, start:start + k]
+            part = torch.bmm(vk[:, None], col.view(r, k, -1))[:, 0] if rec is None else \
+                CompositeColours.apply(vk, col, rec)
             acc = part if acc is None else acc + part
             start += k
         rgb = acc * RGB_SCALE + (RGB_OFFSET * w_total)[:, None]
@@ -272,15 +404,20 @@ class ImportanceRenderer(nn.Module):
         groups = [(0, 0, n * m)] if n_planes == 1 else [(i, i * m, (i + 1) * m) for i in range(n)]
         chunk = max(int(cfg.ray_chunk), 1)
         rgbs, depths, totals, mins, maxs = [], [], [], [], []
-        table = self.plane_table(planes)
         plane_hw = (planes.shape[-2], planes.shape[-1])
+        # With gradients, one table per triplane: a chunk's table gradient (zeroed, then summed by autograd)
+        # then spans its own triplane's rows only, not every triplane's.
+        per_triplane = torch.is_grad_enabled() and planes.requires_grad
+        table = None if per_triplane else self.plane_table(planes)
         rows_per_triplane = 3 * (plane_hw[0] + 2) * (plane_hw[1] + 2)
         for p_idx, g0, g1 in groups:
+            t, offset = (self.plane_table(planes[p_idx:p_idx + 1]), 0) if per_triplane \
+                else (table, p_idx * rows_per_triplane)
             for a in range(g0, g1, chunk):
                 b = min(a + chunk, g1)
                 sl = slice(a, b)
                 out = self._render_chunk(
-                    table, plane_hw, p_idx * rows_per_triplane, decoder, o_all[sl], d_all[sl],
+                    t, plane_hw, offset, decoder, o_all[sl], d_all[sl],
                     None if jitter is None else jitter[sl], None if u is None else u[sl],
                     None if noise_c is None else noise_c[sl], None if noise_f is None else noise_f[sl])
                 for lst, val in zip((rgbs, depths, totals, mins, maxs), out):
