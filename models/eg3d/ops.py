@@ -28,6 +28,8 @@ __all__ = [
     "downsample2d",
     "filter2d",
     "conv2d_resample",
+    "frozen_conv2d",
+    "leaky_relu_compact_",
 ]
 
 
@@ -178,10 +180,10 @@ def upfirdn2d(
         f = f.flip(list(range(f.ndim)))
     f = f[None, None].repeat([channels, 1] + [1] * f.ndim)
     if f.ndim == 4:
-        x = F.conv2d(x, f, groups=channels)
+        x = frozen_conv2d(x, f, groups=channels)
     else:
-        x = F.conv2d(x, f.unsqueeze(2), groups=channels)
-        x = F.conv2d(x, f.unsqueeze(3), groups=channels)
+        x = frozen_conv2d(x, f.unsqueeze(2), groups=channels)
+        x = frozen_conv2d(x, f.unsqueeze(3), groups=channels)
 
     if downx > 1 or downy > 1:
         x = x[:, :, ::downy, ::downx]
@@ -254,13 +256,14 @@ def _conv2d_wrapper(
     flip_weight: bool = True,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """conv2d / conv_transpose2d; `flip_weight=False` flips the kernel (true convolution instead of correlation)."""
+    """conv2d / conv_transpose2d; `flip_weight=False` flips the kernel (true convolution instead of correlation).
+    A constant weight (a FIR filter, a frozen network's) keeps no input for backward (`frozen_conv2d`)."""
     kh, kw = w.shape[2], w.shape[3]
     if not flip_weight and (kw > 1 or kh > 1):
         w = w.flip([2, 3])
     if transpose:
-        return _add_bias(F.conv_transpose2d(x, w, stride=stride, padding=padding, groups=groups), bias)
-    return F.conv2d(x, w, bias, stride=stride, padding=padding, groups=groups)
+        return _add_bias(frozen_conv2d(x, w, stride=stride, padding=padding, groups=groups, transposed=True), bias)
+    return frozen_conv2d(x, w, bias, stride=stride, padding=padding, groups=groups)
 
 
 def conv2d_resample(
@@ -353,3 +356,76 @@ def conv2d_resample(
 
 def _add_bias(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x if bias is None else x + bias.to(x.dtype).reshape(1, -1, 1, 1)
+
+
+# ------------------------------------------------------------------- constant-weight layers under input gradients
+class _FrozenConv(torch.autograd.Function):
+    """conv2d / conv_transpose2d with a constant weight and bias: keeps no activation for backward (autograd's
+    convolution keeps its input even when only the input gradient is wanted); the input gradient is
+    `aten.convolution_backward`'s, as autograd computes it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, groups, transposed):
+        ctx.weight = weight
+        ctx.conf = (x.shape, x.stride(), stride, padding, groups, transposed)
+        conv = F.conv_transpose2d if transposed else F.conv2d
+        return conv(x, weight, bias, stride=stride, padding=padding, groups=groups)
+
+    @staticmethod
+    def backward(ctx, g):
+        shape, strides, stride, padding, groups, transposed = ctx.conf
+        # Only the input's shape and layout matter for the input gradient: an unfilled tensor stands in for it.
+        like = torch.empty_strided(shape, strides, dtype=g.dtype, device=g.device)
+        gi = torch.ops.aten.convolution_backward(g, like, ctx.weight, None, stride, padding, [1, 1], transposed,
+                                                 [0, 0], groups, [True, False, False])[0]
+        return gi, None, None, None, None, None, None
+
+
+def frozen_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
+                  padding: int | Sequence[int] = 0, groups: int = 1, transposed: bool = False) -> torch.Tensor:
+    """`F.conv2d` (or `F.conv_transpose2d`) for a weight and bias that never need gradients. When `x` needs one
+    (outside autocast), the input is not kept for backward (see `_FrozenConv`); the values and the input gradient
+    are autograd's."""
+    s, p = list(_pair(stride)), list(_pair(padding))
+    if torch.is_grad_enabled() and x.requires_grad and not weight.requires_grad \
+            and (bias is None or not bias.requires_grad) and not torch.is_autocast_enabled(x.device.type):
+        return _FrozenConv.apply(x, weight, bias, s, p, groups, transposed)
+    conv = F.conv_transpose2d if transposed else F.conv2d
+    return conv(x, weight, bias, stride=s, padding=p, groups=groups)
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class _LeakyReLUCompact(torch.autograd.Function):
+    """In-place leaky ReLU (+ clamp to [-c, c]) that keeps one byte per element for backward (where the output
+    is positive, and where it was clamped) instead of the float output: autograd's gradient, bit for bit."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, clamp):
+        y = F.leaky_relu_(x, alpha)
+        positive = y > 0  # leaky_relu's backward: slope 1 where the output is > 0, else alpha
+        clamped = None
+        if clamp is not None:
+            clamped = y.abs() >= clamp  # clamp's gradient passes strictly inside (-c, c), as autograd's does
+            y.clamp_(-clamp, clamp)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(positive, clamped)
+        ctx.alpha = alpha
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        positive, clamped = ctx.saved_tensors
+        gx = torch.where(positive, g, g * ctx.alpha)
+        return (gx if clamped is None else gx.masked_fill_(clamped, 0.0)), None, None
+
+
+def leaky_relu_compact_(x: torch.Tensor, alpha: float, clamp: float | None = None) -> torch.Tensor:
+    """In-place `leaky_relu(x, alpha)` then clamp to [-clamp, clamp] (None: no clamp); when `x` needs a gradient,
+    backward keeps a byte per element instead of a float (see `_LeakyReLUCompact`)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _LeakyReLUCompact.apply(x, alpha, clamp)
+    x = F.leaky_relu_(x, alpha)
+    return x if clamp is None else x.clamp_(-clamp, clamp)

@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.eg3d.ops import ACTIVATIONS, bias_act, conv2d_resample, setup_filter, upfirdn2d, upsample2d
+from models.eg3d.ops import (ACTIVATIONS, bias_act, conv2d_resample, frozen_conv2d, leaky_relu_compact_, setup_filter,
+                            upfirdn2d, upsample2d)
 
 __all__ = [
     "normalize_2nd_moment",
@@ -162,6 +163,9 @@ class Conv2dLayer(nn.Module):
             b = (self.bias * act_gain).to(x.dtype) if self.bias is not None else None
             x = conv2d_resample(x, w.to(x.dtype), f=self.resample_filter, up=self.up, down=self.down,
                                 padding=self.padding, flip_weight=(self.up == 1), bias=b)
+            if self.activation == "lrelu" and not _needs_grad(self.weight, self.bias):
+                # Frozen (the generator-side D pass): a byte per element kept for backward, not the float output.
+                return leaky_relu_compact_(x, ACTIVATIONS["lrelu"].def_alpha, act_clamp)
             return bias_act(x, None, act=self.activation, gain=1.0, clamp=act_clamp)
         w = self.weight * self.weight_gain
         b = self.bias.to(x.dtype) if self.bias is not None else None
@@ -399,21 +403,22 @@ class SynthesisLayer(nn.Module):
             py1 = self.padding + (fh - up) // 2 - (kh - up)
             pxt = max(min(-px0, -px1), 0)
             pyt = max(min(-py0, -py1), 0)
-            x = F.conv_transpose2d(x, wm, stride=up, padding=[pyt, pxt])
+            # Constant weights: under input gradients no activation is kept for the convolutions' backward.
+            x = frozen_conv2d(x, wm, stride=up, padding=[pyt, pxt], transposed=True)
             p = [px0 + pxt, px1 + pxt, py0 + pyt, py1 + pyt]
             if p[0] == p[1] == p[2] == p[3] and p[0] >= 0:
-                x = F.conv2d(x, fir, b, padding=p[0], groups=self.out_channels)
+                x = frozen_conv2d(x, fir, b, padding=p[0], groups=self.out_channels)
             else:
                 x = upfirdn2d(x, self.resample_filter, padding=p, gain=up**2)
                 x = x.add_(b.reshape(1, -1, 1, 1))
         else:
-            x = F.conv2d(x, wm, b, padding=self.padding)
-        if self.activation == "lrelu":
-            x = F.leaky_relu_(x, ACTIVATIONS["lrelu"].def_alpha)
-        elif self.activation == "relu":
+            x = frozen_conv2d(x, wm, b, padding=self.padding)
+        c = self.conv_clamp * gain if self.conv_clamp is not None else None
+        if self.activation == "lrelu":  # a byte per element kept for backward, not the float output
+            return leaky_relu_compact_(x, ACTIVATIONS["lrelu"].def_alpha, c)
+        if self.activation == "relu":
             x = F.relu_(x)
-        if self.conv_clamp is not None:
-            c = self.conv_clamp * gain
+        if c is not None:
             x = x.clamp(-c, c) if x.requires_grad else x.clamp_(-c, c)
         return x
 
@@ -491,7 +496,7 @@ class ToRGBLayer(nn.Module):
                 and (FOLD_WITH_INPUT_GRAD or not _needs_grad(x))
                 and not _needs_grad(w, self.weight, self.bias, self.affine.weight, self.affine.bias)):
             wm, b = self._folded(w)
-            x = F.conv2d(x, wm, b, padding=self.padding)
+            x = frozen_conv2d(x, wm, b, padding=self.padding)
             if self.conv_clamp is None:
                 return x
             return x.clamp(-self.conv_clamp, self.conv_clamp) if x.requires_grad else \
