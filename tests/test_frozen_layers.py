@@ -21,6 +21,15 @@ def _saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
+def _assert_same(out: torch.Tensor, ref: torch.Tensor, x_out: torch.Tensor, x_ref: torch.Tensor) -> None:
+    """Equal outputs, and equal input gradients under the same random output gradient."""
+    assert torch.equal(out, ref)
+    g = torch.randn_like(ref)
+    ref.backward(g)
+    out.backward(g)
+    assert torch.equal(x_out.grad, x_ref.grad)
+
+
 @pytest.mark.parametrize("transposed,stride,groups", [(False, 1, 1), (False, 2, 1), (False, 1, 8), (True, 2, 1)])
 def test_frozen_conv_matches_autograd_and_keeps_no_input(transposed, stride, groups):
     torch.manual_seed(0)
@@ -31,11 +40,7 @@ def test_frozen_conv_matches_autograd_and_keeps_no_input(transposed, stride, gro
     x1, x2 = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
     ref = conv(x1, w, b, stride=stride, padding=1, groups=groups)
     out = frozen_conv2d(x2, w, b, stride=stride, padding=1, groups=groups, transposed=transposed)
-    assert torch.equal(out, ref)
-    g = torch.randn_like(ref)
-    ref.backward(g)
-    out.backward(g)
-    assert torch.equal(x2.grad, x1.grad)
+    _assert_same(out, ref, x2, x1)
     x3 = x0.clone().requires_grad_(True)
     assert _saved_bytes(lambda: frozen_conv2d(x3, w, b, stride=stride, padding=1, groups=groups,
                                               transposed=transposed)) == 0
@@ -69,11 +74,7 @@ def test_compact_leaky_relu_matches_autograd(clamp):
     ref = F.leaky_relu(a * 1, 0.2)
     ref = ref if clamp is None else ref.clamp(-clamp, clamp)
     out = leaky_relu_compact_(b * 1, 0.2, clamp)
-    assert torch.equal(out, ref)
-    g = torch.randn_like(ref)
-    ref.backward(g)
-    out.backward(g)
-    assert torch.equal(b.grad, a.grad)
+    _assert_same(out, ref, b, a)
     c = x0.clone().requires_grad_(True)
     kept = _saved_bytes(lambda: leaky_relu_compact_(c * 1, 0.2, clamp))
     assert kept <= x0.numel() * (2 if clamp is not None else 1)  # a byte per element (and one for the clamp)
