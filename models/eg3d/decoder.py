@@ -40,23 +40,39 @@ class OSGDecoder(nn.Module):
         rgb = torch.sigmoid(x[..., 1:]) * RGB_SCALE + RGB_OFFSET
         return {"rgb": rgb, "sigma": x[..., 0:1]}
 
+    def layer_weights(self, dtype: torch.dtype, n_planes: int = 3) -> tuple[torch.Tensor, ...]:
+        """(w0 [hidden, C] with the 1/n_planes of the planes' mean folded in, b0 [hidden], w1 [1+out, hidden],
+        b1 [1+out]): the effective (equalized-lr) weights of the two layers, for the plane-sum fast path."""
+        fc0, fc1 = self.net[0], self.net[2]
+        return (fc0.effective_weight(dtype) * (1.0 / n_planes), fc0.effective_bias(dtype),
+                fc1.effective_weight(dtype), fc1.effective_bias(dtype))
+
+    @staticmethod
+    def hidden(plane_sum: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor) -> torch.Tensor:
+        """The first layer before its Softplus: plane_sum [P, C] → [P, hidden]."""
+        return torch.addmm(b0.unsqueeze(0), plane_sum, w0.t())
+
+    @staticmethod
+    def density(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
+        """Raw sigma [P] from the hidden activations h [P, hidden] (after Softplus)."""
+        return torch.addmv(b1[0], h, w1[0])
+
+    @staticmethod
+    def colour_logits(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
+        """Colour logits [P, output_dim] (before the sigmoid) from the hidden activations h [P, hidden]."""
+        return torch.addmm(b1[1:].unsqueeze(0), h, w1[1:].t())
+
     def raw_from_plane_sum(self, plane_sum: torch.Tensor, n_planes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
         """Fast path on summed plane features.
 
         plane_sum: [P, C], the SUM over the planes (the 1/n_planes of the mean is folded into the first layer).
         Returns (sigma [P] raw, color logits [P, output_dim] before the sigmoid).
         """
-        fc0, fc1 = self.net[0], self.net[2]
-        w0 = fc0.effective_weight(plane_sum.dtype) * (1.0 / n_planes)
-        b0 = fc0.effective_bias(plane_sum.dtype)
-        h = torch.addmm(b0.unsqueeze(0), plane_sum, w0.t())  # [P, hidden]
+        w0, b0, w1, b1 = self.layer_weights(plane_sum.dtype, n_planes)
+        h = self.hidden(plane_sum, w0, b0)  # [P, hidden]
         if not (torch.is_grad_enabled() and h.requires_grad) and bool(h.max() <= 20):
             # Softplus(beta=1, threshold=20) is exactly log1p(exp(x)) below the threshold; in place saves a pass.
             h = h.exp_().log1p_()
         else:
             h = F.softplus(h)
-        w1 = fc1.effective_weight(h.dtype)
-        b1 = fc1.effective_bias(h.dtype)
-        sigma = torch.addmv(b1[0], h, w1[0])  # [P]
-        logits = torch.addmm(b1[1:].unsqueeze(0), h, w1[1:].t())  # [P, output_dim]
-        return sigma, logits
+        return self.density(h, w1, b1), self.colour_logits(h, w1, b1)

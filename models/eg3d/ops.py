@@ -386,16 +386,12 @@ def frozen_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """`F.conv2d` (or `F.conv_transpose2d`) for a weight and bias that never need gradients. When `x` needs one
     (outside autocast), the input is not kept for backward (see `_FrozenConv`); the values and the input gradient
     are autograd's."""
-    s, p = list(_pair(stride)), list(_pair(padding))
+    s, p = list(_parse_scaling(stride)), list(_parse_scaling(padding))
     if torch.is_grad_enabled() and x.requires_grad and not weight.requires_grad \
             and (bias is None or not bias.requires_grad) and not torch.is_autocast_enabled(x.device.type):
         return _FrozenConv.apply(x, weight, bias, s, p, groups, transposed)
     conv = F.conv_transpose2d if transposed else F.conv2d
     return conv(x, weight, bias, stride=s, padding=p, groups=groups)
-
-
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 class _LeakyReLUCompact(torch.autograd.Function):

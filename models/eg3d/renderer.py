@@ -153,20 +153,17 @@ class DecodeRecompute:
         self.plane_hw, self.table_offset, self.box_warp = plane_hw, table_offset, box_warp
         self._cache: dict[str, torch.Tensor] | None = None
 
-    def hidden(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def hidden(self) -> tuple[torch.Tensor, ...]:
         """(corner rows [P, 12], corner weights [P, 12], effective w0 (1/3 folded) [H, C], w1 [1+C_out, H],
         b1 [1+C_out], pre-activation z [P, H])."""
         idx, wts = corner_rows(self.uv, self.plane_hw, self.table_offset, self.box_warp, self.table.shape[0],
                                self.table.dtype)
-        fc0, fc1 = self.decoder.net[0], self.decoder.net[2]
-        dt = self.table.dtype
-        w0 = fc0.effective_weight(dt) * (1.0 / 3)
-        plane_sum = F.embedding_bag(idx, self.table, mode="sum", per_sample_weights=wts)
-        z = torch.addmm(fc0.effective_bias(dt).unsqueeze(0), plane_sum, w0.t())
-        return idx, wts, w0, fc1.effective_weight(dt), fc1.effective_bias(dt), z
+        w0, b0, w1, b1 = self.decoder.layer_weights(self.table.dtype)
+        z = self.decoder.hidden(F.embedding_bag(idx, self.table, mode="sum", per_sample_weights=wts), w0, b0)
+        return idx, wts, w0, w1, b1, z
 
     def backward_inputs(self) -> dict[str, torch.Tensor]:
-        """The recomputed forward with Softplus's derivative: idx, wts, w0, w1, h, dh_dz, col (sigmoid(logits))."""
+        """The recomputed forward with Softplus's derivative: idx, wts, w0, w1, dh_dz, col (sigmoid(logits))."""
         if self._cache is None:
             with torch.no_grad():
                 idx, wts, w0, w1, b1, z = self.hidden()
@@ -176,7 +173,7 @@ class DecodeRecompute:
                     dh_dz = e.div_(e + 1)
                 else:  # sigmoid is 1.0 (float32) above the threshold, where softplus' derivative is 1
                     h, dh_dz = F.softplus(z), torch.sigmoid(z)
-                col = torch.addmm(b1[1:].unsqueeze(0), h, w1[1:].t()).sigmoid_()
+                col = OSGDecoder.colour_logits(h, w1, b1).sigmoid_()
                 self._cache = {"idx": idx, "wts": wts, "w0": w0, "w1": w1, "dh_dz": dh_dz, "col": col}
         return self._cache
 
@@ -199,8 +196,8 @@ class FrozenDecode(torch.autograd.Function):
     def forward(ctx, table, uv, recompute: DecodeRecompute):
         _, _, _, w1, b1, z = recompute.hidden()
         h = F.softplus(z)
-        sigma = torch.addmv(b1[0], h, w1[0])
-        col = torch.addmm(b1[1:].unsqueeze(0), h, w1[1:].t()).sigmoid_()
+        sigma = OSGDecoder.density(h, w1, b1)
+        col = OSGDecoder.colour_logits(h, w1, b1).sigmoid_()
         ctx.save_for_backward(table, uv)  # version checks; the tensors themselves are the recompute's
         ctx.recompute = recompute
         return sigma, col
