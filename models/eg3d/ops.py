@@ -376,6 +376,10 @@ def _by_channel_chunks(op, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 
 
+def _is_depthwise(in_channels: int, weight: torch.Tensor, groups: int, transposed: bool) -> bool:
+    return not transposed and groups > 1 and groups == in_channels == weight.shape[0] and weight.shape[1] == 1
+
+
 def _polyphase_taps(phase: int, stride: int, padding: int, k: int) -> tuple[int, int, int]:
     """Along one axis of a transposed convolution, the outputs o ≡ phase (mod stride) take the kernel taps
     first, first + stride, ...: → (first tap, tap count, input offset of that phase's first output)."""
@@ -422,7 +426,7 @@ def _conv_values(x, weight, bias, stride, padding, groups, transposed):
     def op(xc, wc, bc):
         return conv(xc, wc, bc, stride=stride, padding=padding, groups=xc.shape[1])
 
-    depthwise = groups > 1 and groups == x.shape[1] == weight.shape[0] and weight.shape[1] == 1 and not transposed
+    depthwise = _is_depthwise(x.shape[1], weight, groups, transposed)
     if not depthwise or x.numel() * x.element_size() <= _DEPTHWISE_CHUNK_BYTES:
         return conv(x, weight, bias, stride=stride, padding=padding, groups=groups)
     n, c, h, w = x.shape
@@ -441,7 +445,7 @@ def _conv_input_grad(g, shape, strides, weight, stride, padding, groups, transpo
         return torch.ops.aten.convolution_backward(gc, like, wc, None, stride, padding, [1, 1], transposed, [0, 0],
                                                    gc.shape[1] if depthwise else groups, [True, False, False])[0]
 
-    depthwise = groups > 1 and groups == shape[1] == weight.shape[0] and weight.shape[1] == 1 and not transposed
+    depthwise = _is_depthwise(shape[1], weight, groups, transposed)
     if not depthwise or g.numel() * g.element_size() <= _DEPTHWISE_CHUNK_BYTES:
         return op(g, weight, None)
     return _by_channel_chunks(op, g.contiguous(), weight, None, shape)
