@@ -369,11 +369,13 @@ def _by_channel_chunks(op, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     step = max(1, _DEPTHWISE_CHUNK_BYTES // max(1, x[:1, :1].numel() * x.element_size() * n))
     if step >= c:
         return op(x, weight, bias)
-    out = x.new_empty(out_shape)
+    out = None
     for i in range(0, c, step):
-        out[:, i:i + step] = op(x[:, i:i + step], weight[i:i + step], None if bias is None else bias[i:i + step])
+        y = op(x[:, i:i + step], weight[i:i + step], None if bias is None else bias[i:i + step])
+        if out is None:  # the op's dtype (autocast may change it)
+            out = y.new_empty(out_shape)
+        out[:, i:i + step] = y
     return out
-
 
 
 def _is_depthwise(in_channels: int, weight: torch.Tensor, groups: int, transposed: bool) -> bool:
@@ -400,7 +402,7 @@ def conv_transpose2d_polyphase(x: torch.Tensor, weight: torch.Tensor, bias: torc
     _, cout, kh, kw = weight.shape
     (sy, sx), (py, px) = stride, padding
     oh, ow = (h - 1) * sy + kh - 2 * py, (w - 1) * sx + kw - 2 * px
-    out = x.new_empty(n, cout, oh, ow)
+    out = None
     wt = weight.transpose(0, 1)  # [C_out, C_in, kh, kw]
     for ry in range(sy):
         my = -(-(oh - ry) // sy)
@@ -411,7 +413,10 @@ def conv_transpose2d_polyphase(x: torch.Tensor, weight: torch.Tensor, bias: torc
             wr = wt[:, :, ky::sy, kx::sx].flip([2, 3]).contiguous()
             # The phase reads input rows offy .. offy+my+ny-2 (zeros outside): pad (or crop) to exactly those.
             xr = F.pad(x, [-offx, offx + mx + nx - 1 - w, -offy, offy + my + ny - 1 - h])
-            out[:, :, ry::sy, rx::sx] = F.conv2d(xr, wr, bias)
+            y = F.conv2d(xr, wr, bias)
+            if out is None:  # the convolution's dtype (autocast may change it)
+                out = y.new_empty(n, cout, oh, ow)
+            out[:, :, ry::sy, rx::sx] = y
     return out
 
 
