@@ -396,8 +396,9 @@ def conv_transpose2d_polyphase(x: torch.Tensor, weight: torch.Tensor, bias: torc
     ordinary convolutions, one per output phase, interleaved into the output.
 
     x: [N, C_in, H, W]; weight: [C_in, C_out, kh, kw] (conv_transpose2d's layout), each kernel side ≥ its stride.
-    The same sums as the transposed convolution in another order (≈1e-7 relative); oneDNN runs them 1.4–3×
-    faster on CPU than its transposed kernel (the super-resolution's 256→512 up-convolution: 0.70 → 0.52 s)."""
+    The same sums as the transposed convolution in another order (≈1e-7 relative). On CPU-2 (oneDNN, AVX2) the
+    gain depends on the shape: 2× for 32 → 256 channels at 128², ~1.1× for 512 → 256 at 64², none for 128 → 128
+    at 256², 0.8× for 256 → 128 at 256² (docs/benchmarks.md)."""
     n, _, h, w = x.shape
     _, cout, kh, kw = weight.shape
     (sy, sx), (py, px) = stride, padding
