@@ -493,8 +493,9 @@ class _FrozenConvAdjoint(torch.autograd.Function):
 def frozen_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
                   padding: int | Sequence[int] = 0, groups: int = 1, transposed: bool = False) -> torch.Tensor:
     """`F.conv2d` (or `F.conv_transpose2d`) for a weight and bias that never need gradients. When `x` needs one
-    (outside autocast), the input is not kept for backward (see `_FrozenConv`); the values and the input gradient
-    are autograd's."""
+    (outside autocast), the input is not kept for backward (see `_FrozenConv`); the input gradient is autograd's.
+    The values are `F.conv2d`'s bit for bit, except strided transposed convolutions, which run by phases
+    (`conv_transpose2d_polyphase`: the same sums in another order, within 2e-6)."""
     s, p = list(_parse_scaling(stride)), list(_parse_scaling(padding))
     if torch.is_grad_enabled() and x.requires_grad and not weight.requires_grad \
             and (bias is None or not bias.requires_grad) and not torch.is_autocast_enabled(x.device.type):
