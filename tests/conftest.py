@@ -72,9 +72,11 @@ def tiny_original_architectures(monkeypatch):
     """3dpe.pt / Live3D files written from tiny models load as tiny models, also through command lines run
     in-process (`test_scripts.main`, the converter's `main`).
 
-    Those files record no architecture, and the loader assumes the original's (full size); here that
-    assumption becomes the `tiny()` config of the same kind. Calls that can say it pass `configs=` (or the
-    converter's `--config`) instead.
+    Only for files that imitate the original release (written without an architecture, e.g.
+    `export_original_3dpe(...)` without `configs=`): those record none, and the loader assumes the original's
+    (full size); here that assumption becomes the `tiny()` config of the same kind. Files the project writes
+    (`write_final`, `export_3dpe_pt`, `export_original_3dpe(..., configs=...)`, project folders) record their
+    architecture and need no fixture (tests/test_checkpoint_roundtrip.py).
     """
     from models.checkpoint import original
 

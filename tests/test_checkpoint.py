@@ -230,13 +230,15 @@ def test_tiny_3dpe_convert_reload_build_export(tmp_path, tiny_3dpe, keys_dir, ca
         b = models["renderer"](planes, frontal_camera())["image"]
     assert torch.equal(a, b)  # same weights, same calls, same machine: bit-equal (measured 0)
 
-    # back to the original 3dpe.pt layout (7 keys, loadable with weights_only=True, original key order)
+    # back to the original 3dpe.pt layout (its 7 keys in order, loadable with weights_only=True, original key
+    # order), then the architecture under one extra key the original code never reads
     rc, err = run_main(capsys, tmp_path / "proj", tmp_path / "out" / "3dpe.pt", "--to", "3dpe-pt")
     assert rc == 0, err
     obj = torch.load(tmp_path / "out" / "3dpe.pt", map_location="cpu", weights_only=True)
     top = [line.split("\t")[1] for line in (keys_dir / "checkpoint_top_level.tsv").read_text().splitlines()[1:]
            if line.startswith("3dpe.pt\t")]
-    assert list(obj) == top
+    assert list(obj) == [*top, "threedpe_config"]
+    assert set(obj["threedpe_config"]["config"]) == {"encoder", "renderer", "discriminator"}
     assert type(obj["encoder_state_dict"]) is collections.OrderedDict
     assert_same_sd(obj["encoder_state_dict"], enc.state_dict())
     assert_same_sd(obj["renderer_state_dict"], ren.state_dict())

@@ -10,12 +10,17 @@ read with the restricted unpickler: nothing in them runs.
 --to threedpe (default): DST is a directory (config.json + model.safetensors + README.md, the model card).
 --to 3dpe-pt: DST is the original `3dpe.pt` layout (file; a directory gets `3dpe.pt` inside).
 --to eg3d-pth: DST is the original converted EG3D `.pth` (file; a directory gets `ffhqrebalanced512-128.pth`).
---config: JSON {component: {config fields}} for checkpoints trained with a non-default architecture.
-3dpe.pt and Live3D files record no architecture: without --config the original's is assumed, and checked
-against the weights before anything is written (the error names the first key that does not fit).
+--config: JSON {component: {config fields}}, or a whole project config.json (e.g. a run's
+`exps/<name>/final/config.json`), for files that record no architecture: the original release's 3dpe.pt
+and Live3D files. Without it their original (full-size) architecture is assumed (a discriminator of
+another size is read off its weights' shapes) and checked against the weights before anything is written
+(the error names the first key that does not fit). Files this project writes (project folders, the 3dpe.pt
+of a training run or of `--to 3dpe-pt`) record their architecture and need no --config; components named in
+--config override it, components the source does not hold are ignored.
 
-Exit status 0 on success; 1 for a refused pickle (the offending global is named), a missing file, an
-unknown format, or weights that do not fit the architecture, with the reason on stderr.
+Exit status 0 on success; 2 with one line `error: ...` on stderr for a missing, truncated or corrupt file,
+a refused pickle (the offending global is named), an unknown format, or weights that do not fit the
+architecture.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from utils.errors import ThreeDPEError
+from utils.errors import ConfigError, ThreeDPEError, report_user_error
 
 TARGETS = ("threedpe", "3dpe-pt", "eg3d-pth")
 _DEFAULT_NAMES = {"3dpe-pt": "3dpe.pt", "eg3d-pth": "ffhqrebalanced512-128.pth"}
@@ -50,10 +55,11 @@ def _convert(src: str | Path, dst: str | Path, to: str, config: dict | None) -> 
         raise ValueError(f"--to must be one of {TARGETS}, got {to!r}")
     ckpt = ck.load_checkpoint(src, configs=config)
     dst = Path(dst)
-    if to == "threedpe":
+    if to in ("threedpe", "3dpe-pt"):
         assumed = tuple(c for c, ok in ckpt.meta.get("config_matched", {}).items() if not ok)
-        if assumed:  # architectures assumed, not recorded: check they fit before config.json records them
+        if assumed:  # architectures assumed, not recorded: check they fit before the output records them
             ck.build_models(ckpt, components=assumed, device="meta")
+    if to == "threedpe":
         out = ck.save_pretrained(dst, ckpt.components, ckpt.model_type, ck.config_dicts(ckpt), ck.source_info(ckpt))
         write_conversion_card(out, ckpt, src)  # README.md: licence, source sha256 (models/model_card.py)
     elif to == "3dpe-pt":
@@ -68,22 +74,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("src", help="checkpoint to read (.pkl, .pth, .pt, or a project directory)")
     parser.add_argument("dst", help="output directory (threedpe) or file (3dpe-pt, eg3d-pth)")
     parser.add_argument("--to", choices=TARGETS, default="threedpe", help="output format (default: threedpe)")
-    parser.add_argument("--config", default=None, help="JSON file {component: {config fields}} (non-default architectures)")
+    parser.add_argument("--config", default=None,
+                        help="JSON {component: {config fields}} or a project config.json: the architecture of a "
+                             "file that records none (the original release's 3dpe.pt / Live3D at another size)")
     args = parser.parse_args(argv)
     try:
-        config = None
-        if args.config:
-            cfg_path = Path(args.config)
-            if not cfg_path.is_file():
-                raise ThreeDPEError(f"--config file '{cfg_path}' does not exist")
-            config = json.loads(cfg_path.read_text())
-            config = config.get("config", config)  # accept a whole config.json too
+        config = read_config_arg(args.config) if args.config else None
+    except ThreeDPEError as e:
+        return report_user_error(e)
+    try:
         out, fmt = _convert(args.src, args.dst, args.to, config)
-    except (ThreeDPEError, FileNotFoundError) as e:
-        print(f"error: {args.src}: {e}", file=sys.stderr)
-        return 1
+    except (ThreeDPEError, FileNotFoundError) as e:  # the file named once, first when the reason does not
+        return report_user_error(e if str(args.src) in str(e) else ThreeDPEError(f"{args.src}: {e}"))
     print(f"converted {args.src} ({fmt}) -> {out} ({args.to})")
     return 0
+
+
+def read_config_arg(path: str | Path) -> dict:
+    """The `--config` file: {component: {config fields}}, or a whole project config.json (its `config` part)."""
+    cfg_path = Path(path)
+    if not cfg_path.is_file():
+        raise ConfigError(f"--config file '{cfg_path}' does not exist")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config file '{cfg_path}' is not valid JSON: {e}") from e
+    if isinstance(config, dict) and isinstance(config.get("config"), dict):
+        config = config["config"]  # a whole config.json
+    if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
+        raise ConfigError(f"--config file '{cfg_path}' must hold {{component: {{config fields}}}} "
+                          "(or be a project config.json)")
+    return config
 
 
 if __name__ == "__main__":

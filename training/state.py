@@ -9,7 +9,8 @@ Layout of a run directory (`exps/<name>/`):
         config.json, model.safetensors   project format (models.checkpoint.save_pretrained)
         training_state.pt                student trainable params, D, optimizers, schedulers, step, epoch,
                                          sampler position, RNG states of every rank
-    final/                           the snapshot written at the end (plus 3dpe.pt when exported)
+    final/                           the snapshot written at the end
+    3dpe.pt                          the original 3dpe.pt layout (export_3dpe), its architecture recorded
 
 A checkpoint directory is built under a hidden temporary name and renamed into place
 (`utils.atomic.atomic_directory`), and an old one is renamed out of sight before it is deleted, so a killed
@@ -152,11 +153,18 @@ def save_checkpoint(
 
 
 def load_training_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read `training_state.pt` from a checkpoint directory (or the file itself)."""
+    """Read `training_state.pt` from a checkpoint directory (or the file itself).
+
+    CorruptCheckpointError (naming the file; the fix: resume from the previous checkpoint) when it is cut
+    short or damaged.
+    """
+    from models.checkpoint.integrity import reading
+
     p = Path(path)
     if p.is_dir():
         p = p / STATE_FILE
-    return torch.load(p, map_location=map_location, weights_only=True)
+    with reading(p):
+        return torch.load(p, map_location=map_location, weights_only=True)
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -243,13 +251,15 @@ def snapshot_writer(encoder: nn.Module, renderer: nn.Module, configs: dict[str, 
 def write_final(run_dir: Path, encoder: nn.Module, renderer: nn.Module, D: nn.Module, configs: dict[str, Any],
                 source: dict[str, Any], step: int, cfg: "TrainConfig", card: dict[str, Any] | None = None) -> None:
     """End of a run (rank 0): `run_dir/final/` (replaced if present) and, with `cfg.export_3dpe`, `run_dir/3dpe.pt`
-    in the original 3DPE layout (encoder, renderer, discriminator, step, `original_opts(cfg)`)."""
+    in the original 3DPE layout (encoder, renderer, discriminator, step, `original_opts(cfg)`) plus the
+    architecture (`configs`: encoder, renderer, discriminator), so it loads back at any model size."""
     snapshot_writer(encoder, renderer, configs, source, step, card)(run_dir / "final")  # replaces it atomically
     if cfg.export_3dpe:
         from models.checkpoint import export_original_3dpe
 
         export_original_3dpe(run_dir / "3dpe.pt", encoder.state_dict(), renderer.state_dict(),
-                             discriminator_sd=D.state_dict(), step=step, opts=original_opts(cfg))
+                             discriminator_sd=D.state_dict(), step=step, opts=original_opts(cfg),
+                             configs={c: configs[c] for c in ("encoder", "renderer", "discriminator") if c in configs})
 
 
 def original_opts(cfg: "TrainConfig") -> dict[str, Any]:

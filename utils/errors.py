@@ -40,6 +40,17 @@ class UnknownCheckpointFormatError(ThreeDPEError):
     """A file's content matches none of the supported checkpoint formats."""
 
 
+class CorruptCheckpointError(ThreeDPEError):
+    """A weight file exists but cannot be read: cut short (an interrupted download, copy or save) or damaged.
+
+    The message names the file, says it is incomplete or corrupt (with the reader's own reason) and what to do.
+    """
+
+    def __init__(self, path: str, reason: str, fix: str):
+        self.path = str(path)
+        super().__init__(f"'{path}' is incomplete or corrupt ({reason}). {fix}")
+
+
 class BadImageError(ThreeDPEError):
     """An image file cannot be read or converted."""
 
@@ -62,7 +73,9 @@ def report_user_error(error: BaseException) -> int:
     import os
     import sys
 
+    from utils.distributed import print_line  # one write per line: ranks' lines never run into each other
+
     msg = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
     prefix = f"[rank {os.environ.get('RANK', '0')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    print(f"{prefix}error: {msg}", file=sys.stderr)
+    print_line(f"{prefix}error: {msg}", file=sys.stderr)
     return 2

@@ -17,9 +17,11 @@ Formats (detected from the CONTENT, never from the file name):
                     config_dicts(ckpt), source_info(ckpt))
 
 Model types: `3dpe` (editing encoder + renderer), `live3d` (reconstruction encoder + renderer), `eg3d`
-(generator). Architecture configs are the dataclasses of each model. Training checkpoints (3dpe.pt, Live3D)
-store none: they get the original's (full size), or the caller's (`configs=`); EG3D files and the project
-format record theirs. `build_models` says which key does not fit when weights and config disagree.
+(generator). Architecture configs are the dataclasses of each model. The original release's training
+checkpoints (3dpe.pt, Live3D) store none: they get the original's (full size), or the caller's (`configs=`);
+the project format, EG3D files and every 3dpe.pt this project writes (extra key `threedpe_config`) record
+theirs. `build_models` says which key does not fit when weights and config disagree. A file cut short or
+damaged raises `CorruptCheckpointError` naming it (`integrity`).
 
 One job per module:
 
@@ -31,6 +33,7 @@ One job per module:
 | `project`     | the project format: `save_pretrained`, `load_pretrained`, config.json sections          |
 | `export`      | writers of the original layouts: `export_original_3dpe`, `write_eg3d_pth`, ...          |
 | `registry`    | model/config classes per model type and component, `LoadedCheckpoint`, `build_models`   |
+| `integrity`   | a file that cannot be decoded → one `CorruptCheckpointError` naming it and the fix        |
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ from models.checkpoint.export import (
     write_eg3d_pth,
 )
 from models.checkpoint.load import detect_format, load_checkpoint, load_eg3d_generator
+from models.checkpoint.original import ARCHITECTURE_KEY
 from models.checkpoint.project import (
     CONFIG_FILE,
     FORMAT_VERSION,
@@ -64,7 +68,8 @@ from models.checkpoint.registry import (
 )
 
 __all__ = [
-    "COMPONENTS", "CONFIG_FILE", "FORMATS", "FORMAT_VERSION", "MODEL_TYPES", "WEIGHTS_FILE", "WHERE_TO_GET",
+    "ARCHITECTURE_KEY", "COMPONENTS", "CONFIG_FILE", "FORMATS", "FORMAT_VERSION", "MODEL_TYPES", "WEIGHTS_FILE",
+    "WHERE_TO_GET",
     "LoadedCheckpoint", "build_models", "config_class", "config_dicts", "default_eg3d_d_kwargs", "detect_format",
     "eg3d_kwargs_from_config", "export_3dpe_pt", "export_eg3d_pth", "export_original_3dpe", "load_checkpoint",
     "load_eg3d_generator", "load_pretrained", "model_class", "save_pretrained", "source_info", "write_eg3d_pth",

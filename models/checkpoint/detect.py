@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from models.checkpoint.integrity import corrupt_error, reading
 from models.checkpoint.project import CONFIG_FILE, project_dir, read_project_config
 from models.checkpoint.registry import FORMATS
 from utils.errors import UnknownCheckpointFormatError
@@ -25,6 +26,8 @@ def sniff(path: Path) -> str:
         return "dir"
     with open(path, "rb") as f:
         head = f.read(16)
+    if not head:
+        raise corrupt_error(path, "the file is empty")
     if head.startswith(_ZIP_MAGIC):
         return "zip"
     if head.startswith(_TORCH_LEGACY_MAGIC):
@@ -92,7 +95,7 @@ def detect_local_format(path: Path) -> str:
     """The format of an existing local `path` (see FORMATS). Cheap: tensors are not read.
 
     UnknownCheckpointFormatError (saying what was found) for anything unsupported, UnsafePickleError for a
-    pickle that asks for a global outside the allow-list.
+    pickle that asks for a global outside the allow-list, CorruptCheckpointError for a file cut short or damaged.
     """
     from models.safe_unpickle import load_pickle, safe_torch_load
 
@@ -100,6 +103,6 @@ def detect_local_format(path: Path) -> str:
     if kind in ("dir", "safetensors"):
         read_project_config(project_dir_or_error(path, listing=True))
         return "threedpe"
-    if kind == "pickle":
-        return format_of(load_pickle(path, peek=True), str(path))
-    return format_of(safe_torch_load(path, map_location="meta"), str(path))
+    with reading(path):
+        obj = load_pickle(path, peek=True) if kind == "pickle" else safe_torch_load(path, map_location="meta")
+    return format_of(obj, str(path))

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from models.checkpoint.original import ARCHITECTURE_KEY, architecture_entry
 from models.checkpoint.registry import LoadedCheckpoint, config_to_dict
 from utils.atomic import atomic_torch_save
 from utils.errors import ConfigError
@@ -35,11 +36,17 @@ def export_original_3dpe(
     step: int = 0,
     opts: Mapping[str, Any] | None = None,
     encoder_optimizer: Mapping[str, Any] | None = None,
+    configs: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the original `3dpe.pt` layout (the 7 keys of checkpoint_top_level.tsv), loadable by the original code.
 
     `encoder_optimizer` defaults to an AdamW state with no moments over the optimised parameters
     (`Final_encoder.*` then `Ref_encoder.*`, as the original builds it).
+    `configs` (component → config dataclass or dict: 'encoder', 'renderer', 'discriminator') records the
+    architecture after the 7 keys, under `threedpe_config` (`original.architecture_entry`), so the file loads
+    back at any size with no extra flag; the original code reads only the keys it knows and ignores it. Every
+    writer of this project passes it; without it the file is exactly the original's (and loads with the
+    original's full-size architecture assumed).
     """
     enc = _cpu_contiguous(encoder_sd)
     if encoder_optimizer is None:
@@ -55,6 +62,9 @@ def export_original_3dpe(
         "step": int(step),
         "encoder_optimizer": dict(encoder_optimizer),
     }
+    if configs:
+        written = {"encoder", "renderer"} | ({"discriminator"} if discriminator_sd else set())
+        obj[ARCHITECTURE_KEY] = architecture_entry("3dpe", {c: v for c, v in configs.items() if c in written})
     path = Path(path)
     atomic_torch_save(obj, path)
     return path
@@ -177,7 +187,9 @@ def export_eg3d_pth(ckpt: LoadedCheckpoint, path: str | os.PathLike) -> Path:
 
 
 def export_3dpe_pt(ckpt: LoadedCheckpoint, path: str | os.PathLike) -> Path:
-    """`export_original_3dpe` for a loaded 3DPE checkpoint (editing encoder + renderer)."""
+    """`export_original_3dpe` for a loaded 3DPE checkpoint (editing encoder + renderer, and the discriminator
+    when it has one), with its architecture configs recorded (check assumed ones first: `build_models(ckpt,
+    device='meta')`)."""
     if ckpt.model_type != "3dpe" or "encoder" not in ckpt.components or "renderer" not in ckpt.components:
         raise ConfigError(
             f"{ckpt.meta.get('source_path')}: the 3dpe.pt layout needs a 3dpe editing encoder and a renderer; "
@@ -185,4 +197,4 @@ def export_3dpe_pt(ckpt: LoadedCheckpoint, path: str | os.PathLike) -> Path:
         )
     return export_original_3dpe(path, ckpt.components["encoder"], ckpt.components["renderer"],
                                 ckpt.components.get("discriminator"), step=int(ckpt.meta.get("step") or 0),
-                                opts=ckpt.meta.get("opts") or {})
+                                opts=ckpt.meta.get("opts") or {}, configs=ckpt.configs)

@@ -46,8 +46,9 @@ def load_checkpoint(path: str | os.PathLike, configs: Mapping[str, Any] | None =
 
     `path`: a file, a project folder, or a Hugging Face Hub id `org/name[@rev][/file]` (models/hub.py).
     `configs` (component → config dataclass or dict) sets the architecture of components whose file records
-    none (3dpe.pt, Live3D: by default the original's full-size one) and overrides recorded ones.
-    Optimizer states in training checkpoints are ignored.
+    none (the original's 3dpe.pt, Live3D: by default the original's full-size one) and overrides recorded ones
+    (the project format, a 3dpe.pt this project wrote, EG3D files). Optimizer states in training checkpoints
+    are ignored. A file cut short or damaged raises CorruptCheckpointError naming it.
     """
     path = resolve_weights(path)  # a local path, or a Hub id → its cached copy
     check_exists(path)
@@ -60,7 +61,7 @@ def load_checkpoint(path: str | os.PathLike, configs: Mapping[str, Any] | None =
         return ckpt
     obj = read_file(path, kind)
     fmt = format_of(obj, str(path))
-    ckpt = read_original(obj, fmt, configs)
+    ckpt = read_original(obj, fmt, configs, where=str(path))
     ckpt.meta["source_path"] = str(path)
     ckpt.meta["source_format"] = fmt
     return ckpt

@@ -1,45 +1,97 @@
 """Readers of the original layouts: 3dpe.pt and Live3D training checkpoints, NVIDIA's EG3D .pkl, the converted .pth.
 
 Each turns the object read from the file into a `LoadedCheckpoint` (CPU state dicts with the original key
-names, architecture configs, provenance). Training checkpoints record no architecture: each component gets
-the one the original code builds (`original_config`) unless the caller passes its own (`configs=`). EG3D files
-record their constructor kwargs, which become the configs.
+names, architecture configs, provenance). The original's training checkpoints record no architecture: each
+component gets the one the original code builds (`original_config`; a discriminator of another size is
+read off its weights' shapes) unless the caller passes its own (`configs=`). A 3dpe.pt written by this
+project records its architecture under the extra top-level key `threedpe_config` (`ARCHITECTURE_KEY`, which
+the original code never reads), and that is used instead. EG3D files record their constructor kwargs, which
+become the configs.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from models.checkpoint.registry import LoadedCheckpoint, as_config, config_class
+from models.checkpoint.integrity import reading
+from models.checkpoint.registry import (
+    LoadedCheckpoint,
+    as_config,
+    config_class,
+    config_to_dict,
+    model_class,
+    state_dict_differences,
+)
 from utils.errors import ConfigError, UnknownCheckpointFormatError
+
+ARCHITECTURE_KEY = "threedpe_config"
+ARCHITECTURE_VERSION = 1
 
 
 def read_file(path: Path, kind: str) -> Any:
-    """The object inside an original-format file (`kind` from `detect.sniff`); nothing in it runs."""
+    """The object inside an original-format file (`kind` from `detect.sniff`); nothing in it runs.
+
+    CorruptCheckpointError (naming the file) when it is cut short or damaged.
+    """
     from models.safe_unpickle import load_pickle, safe_torch_load
 
-    if kind == "pickle":
-        return load_pickle(path)
-    try:  # plain torch.save dicts of tensors/opts (3dpe.pt, Live3D) need nothing more
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # EasyDicts (converted EG3D .pth): the restricted unpickler
-        return safe_torch_load(path)
+    with reading(path):
+        if kind == "pickle":
+            return load_pickle(path)
+        try:  # plain torch.save dicts of tensors/opts (3dpe.pt, Live3D) need nothing more
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # EasyDicts (converted EG3D .pth): the restricted unpickler
+            return safe_torch_load(path)
 
 
-def read_original(obj: Mapping[str, Any], fmt: str, configs: Mapping[str, Any] | None = None) -> LoadedCheckpoint:
-    """The checkpoint in `obj` (format `fmt` from `detect.format_of`); `configs` overrides architectures."""
+def read_original(obj: Mapping[str, Any], fmt: str, configs: Mapping[str, Any] | None = None,
+                  where: str = "checkpoint") -> LoadedCheckpoint:
+    """The checkpoint in `obj` (format `fmt` from `detect.format_of`, read from file `where`); `configs`
+    overrides architectures."""
     configs = dict(configs or {})
     if fmt == "eg3d-pkl":
         return _from_eg3d_pkl(obj, configs)
     if fmt == "eg3d-pth":
         return _from_eg3d_pth(obj, configs)
-    return _from_training_checkpoint(obj, fmt, configs)
+    return _from_training_checkpoint(obj, fmt, configs, where)
+
+
+def architecture_entry(model_type: str, configs: Mapping[str, Any]) -> dict[str, Any]:
+    """The value of `ARCHITECTURE_KEY` in a 3dpe.pt this project writes: plain types only (loads with
+    `weights_only=True`), laid out like the project format's config.json.
+
+    {"format": "threedpe", "format_version": 1, "model_type": "3dpe", "config": {component: config fields}}
+    """
+    return {"format": "threedpe", "format_version": ARCHITECTURE_VERSION, "model_type": model_type,
+            "config": {comp: config_to_dict(cfg) for comp, cfg in configs.items()}}
+
+
+def recorded_configs(obj: Mapping[str, Any], model_type: str, where: str) -> dict[str, Any]:
+    """component → config dataclass from the file's `ARCHITECTURE_KEY` ({} when it has none, as the original's).
+
+    ConfigError naming the file when the entry cannot be read.
+    """
+    entry = obj.get(ARCHITECTURE_KEY)
+    if entry is None:
+        return {}
+    what = f"'{where}': its '{ARCHITECTURE_KEY}' entry (the architecture this project recorded)"
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("config"), Mapping):
+        raise ConfigError(f"{what} is not a dict with a 'config' dict; convert the file again or pass the "
+                          "architecture (--config ARCH.json)")
+    if int(entry.get("format_version", 0)) > ARCHITECTURE_VERSION:
+        raise ConfigError(f"{what} has format_version {entry.get('format_version')}, newer than this code "
+                          f"({ARCHITECTURE_VERSION}); update the code")
+    try:
+        return {comp: as_config(model_type, comp, cfg) for comp, cfg in entry["config"].items()}
+    except ConfigError as e:
+        raise ConfigError(f"{what} does not fit this code: {e}") from e
 
 
 def original_config(model_type: str, component: str, fmt: str, sd: Mapping[str, torch.Tensor]) -> Any:
@@ -64,7 +116,54 @@ def _ordered(sd: Mapping[str, Any]) -> collections.OrderedDict[str, torch.Tensor
     return out
 
 
-def _from_training_checkpoint(obj: Mapping[str, Any], fmt: str, configs: dict[str, Any]) -> LoadedCheckpoint:
+def _fits(model_type: str, component: str, cfg: Any, sd: Mapping[str, torch.Tensor]) -> bool:
+    """Whether `sd` has exactly the keys and shapes of the model `cfg` builds (built on the meta device)."""
+    with torch.device("meta"):
+        model = model_class(model_type, component)(cfg)
+    return not state_dict_differences(model.state_dict(), sd)
+
+
+def discriminator_config_from_weights(model_type: str, sd: Mapping[str, torch.Tensor]) -> Any | None:
+    """The DiscriminatorConfig whose model has exactly the keys and shapes of `sd`, read off the shapes; None
+    when they do not determine one. The fields that shapes do not show keep the EG3D FFHQ defaults (which
+    are what training builds at every size)."""
+    cls = config_class(model_type, "discriminator")
+    res = sorted(int(m.group(1)) for k in sd if (m := re.fullmatch(r"b(\d+)\.conv0\.weight", k)))
+    if not res or "b4.conv.weight" not in sd or f"b{res[-1]}.fromrgb.weight" not in sd:
+        return None
+    img_res = res[-1]
+    ch = {r: int(sd[f"b{r}.conv0.weight"].shape[0]) for r in res} | {4: int(sd["b4.conv.weight"].shape[0])}
+    ch_max = max(ch.values())
+    # channels(r) = min(channel_base // r, channel_max): each r below the cap bounds channel_base from below
+    below_cap = [c * r for r, c in ch.items() if c < ch_max]
+    ch_base = max(below_cap) if below_cap else ch_max * img_res
+    fields: dict[str, Any] = dict(img_resolution=img_res, channel_base=ch_base, channel_max=ch_max,
+                                  img_channels=int(sd[f"b{img_res}.fromrgb.weight"].shape[1]) // 2,
+                                  mbstd_num_channels=int(sd["b4.conv.weight"].shape[1]) - ch[4])
+    if "mapping.embed.weight" in sd:
+        cmap_dim, c_dim = (int(n) for n in sd["mapping.embed.weight"].shape)
+        fields.update(c_dim=c_dim, cmap_dim=None if cmap_dim == ch[4] else cmap_dim,
+                      mapping_layers=sum(1 for k in sd if re.fullmatch(r"mapping\.fc\d+\.weight", k)))
+    else:
+        fields.update(c_dim=0)
+    try:
+        cfg = cls(**fields)
+        return cfg if _fits(model_type, "discriminator", cfg, sd) else None
+    except Exception:  # noqa: BLE001 — shapes that build no discriminator: nothing to read off
+        return None
+
+
+def unrecorded_config(model_type: str, component: str, fmt: str, sd: Mapping[str, torch.Tensor]) -> Any:
+    """The architecture of a component the file does not record and the caller did not give: the original's
+    (`original_config`), or for a discriminator that does not fit it, the one its weights' shapes show."""
+    cfg = original_config(model_type, component, fmt, sd)
+    if component == "discriminator" and not _fits(model_type, component, cfg, sd):
+        return discriminator_config_from_weights(model_type, sd) or cfg
+    return cfg
+
+
+def _from_training_checkpoint(obj: Mapping[str, Any], fmt: str, configs: dict[str, Any],
+                              where: str) -> LoadedCheckpoint:
     model_type = "3dpe" if fmt == "3dpe" else "live3d"
     components: dict[str, Any] = {"encoder": _ordered(obj["encoder_state_dict"])}
     if "renderer_state_dict" in obj:
@@ -72,13 +171,16 @@ def _from_training_checkpoint(obj: Mapping[str, Any], fmt: str, configs: dict[st
     d = obj.get("discriminator_state")
     if isinstance(d, Mapping) and len(d) > 0:
         components["discriminator"] = _ordered(d)
+    recorded = recorded_configs(obj, model_type, where)
     cfgs: dict[str, Any] = {}
     matched: dict[str, bool | None] = {}
     for comp, sd in components.items():
         if comp in configs:
             cfgs[comp], matched[comp] = as_config(model_type, comp, configs[comp]), True
+        elif comp in recorded:
+            cfgs[comp], matched[comp] = recorded[comp], True
         else:
-            cfgs[comp], matched[comp] = original_config(model_type, comp, fmt, sd), None
+            cfgs[comp], matched[comp] = unrecorded_config(model_type, comp, fmt, sd), None
     opts = obj.get("opts")
     meta = {
         "step": obj.get("step"),

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from models.checkpoint.integrity import corrupt_error, reading
 from models.checkpoint.registry import (
     COMPONENTS,
     MODEL_TYPES,
@@ -49,8 +50,8 @@ def read_project_config(path: Path) -> dict:
     """`path/config.json`, checked to be a project checkpoint config this code can read."""
     try:
         cfg = json.loads((path / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise UnknownCheckpointFormatError(f"'{path / CONFIG_FILE}' is not valid JSON: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise corrupt_error(path / CONFIG_FILE, f"not valid JSON: {e}") from e
     if not isinstance(cfg, dict) or cfg.get("format") != "threedpe":
         found = cfg.get("format") if isinstance(cfg, dict) else None
         raise UnknownCheckpointFormatError(
@@ -109,7 +110,10 @@ def save_pretrained(
 
 
 def load_pretrained(path: str | os.PathLike) -> LoadedCheckpoint:
-    """Read a project-format directory back (state dicts in their original key order, configs as dataclasses)."""
+    """Read a project-format directory back (state dicts in their original key order, configs as dataclasses).
+
+    A config.json or model.safetensors cut short or damaged raises CorruptCheckpointError naming the file.
+    """
     from safetensors import safe_open
 
     path = Path(path)
@@ -120,7 +124,7 @@ def load_pretrained(path: str | os.PathLike) -> LoadedCheckpoint:
         raise MissingWeightsError(str(weights), "project checkpoint weights", WHERE_TO_GET)
     model_type = cfg.get("model_type")
     components: dict[str, Any] = {}
-    with safe_open(str(weights), framework="pt", device="cpu") as f:
+    with reading(weights), safe_open(str(weights), framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
         order = json.loads(meta["key_order"]) if "key_order" in meta else {}
         by_comp: dict[str, list[str]] = collections.defaultdict(list)
