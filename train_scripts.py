@@ -16,10 +16,14 @@ with code 2; under torchrun every rank that hits it prints its line, prefixed wi
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+NPROC_ENV = "THREEDPE_LAUNCHED_NPROC"  # set by `--nproc N` for the ranks it starts
+SHUTDOWN_SECONDS = 300  # `--nproc`: how long torchrun waits for the ranks to save after a signal
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -58,21 +62,44 @@ def _launch_torchrun(nproc: int, argv: list[str]) -> int:
     """Run this script under torchrun with `nproc` processes on this node (the --nproc flag removed).
 
     The launcher runs in this process, so a failed rank ends in one line (its own message is above it)
-    instead of torchrun's ChildFailedError traceback. Returns the first failed rank's exit code.
+    instead of torchrun's ChildFailedError traceback. Returns the first failed rank's exit code, or 130/143
+    without a traceback when Ctrl-C/SIGTERM stopped the ranks (torchrun passes the signal on; training
+    saves a checkpoint of its step and rank 0 prints how to resume).
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    args = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}",
-                                         str(Path(__file__).resolve()), *argv])
+    parser = get_args_parser()
+    # On Ctrl-C/SIGTERM torchrun passes the signal on and waits this long (its default: 30 s) before it kills
+    # the ranks, which meanwhile finish their step and save it: room for a slow step.
+    wait = [] if "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" in os.environ or "--shutdown-timeout" not in \
+        parser._option_string_actions else [f"--shutdown-timeout={SHUTDOWN_SECONDS}"]
+    args = parser.parse_args(["--standalone", f"--nproc_per_node={nproc}", *wait, str(Path(__file__).resolve()),
+                              *argv])
+    os.environ[NPROC_ENV] = str(nproc)  # the ranks name this command (with --nproc) in their resume hint
     try:
         run(args)
+    except SignalException as e:  # Ctrl-C / SIGTERM: torchrun passed it on; the ranks saved and said so
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
+        stop = _stop_code([f.exitcode for f in e.failures.values()])
+        if stop:
+            return stop  # the ranks stopped on a signal, after saving (rank 0 printed how to resume)
         rank, failure = e.get_first_failure()
         print(f"error: {len(e.failures)} of {nproc} processes failed; rank {rank} first, with exit code "
               f"{failure.exitcode} (its message is above)", file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
     return 0
+
+
+def _stop_code(exit_codes: list[int]) -> int:
+    """128 + signal when the ranks stopped on SIGINT/SIGTERM (130/143; the ranks that left last may have been
+    ended by torchrun after the first one exited, a negative code), else 0."""
+    stops = {128 + int(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    if not any(c in stops for c in exit_codes) or not all(c in stops or c < 0 for c in exit_codes):
+        return 0
+    return max(c for c in exit_codes if c in stops)
 
 
 def _strip_nproc(argv: list[str]) -> list[str]:
@@ -122,7 +149,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "train":
         from training.train import run
 
-        run(config, overrides)
+        return run(config, overrides).exit_code
     elif args.command == "datagen":
         from tools.datagen import cli as datagen_cli
 
@@ -130,15 +157,17 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     else:
         from training.customize import run as customize_run
 
-        customize_run(config, overrides, pairs=args.pairs, base=args.base, instruction=args.instruction,
-                      name=args.name)
+        result = customize_run(config, overrides, pairs=args.pairs, base=args.base, instruction=args.instruction,
+                               name=args.name)
+        return result.exit_code
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` (default: sys.argv[1:]) and run the subcommand; returns the exit code.
 
-    0 = done, 1 = datagen finished with failed units (a rerun retries them), 2 = usage or config error.
+    0 = done, 1 = datagen finished with failed units (a rerun retries them), 2 = usage or config error,
+    130 / 143 = training stopped by Ctrl-C / SIGTERM (after saving a checkpoint of its last step).
     """
     from utils.errors import ThreeDPEError, report_user_error
 
@@ -150,10 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = list(args.overrides) + extra
+    resume = getattr(args, "resume", None)
+    if resume and "=" in resume and not Path(resume).exists():  # `--resume key=value`: an override, not a DIR
+        args.resume, args.overrides = "auto", [*args.overrides, resume]
     try:
         return _run(args, argv)
     except ThreeDPEError as e:
         return report_user_error(e)
+    except KeyboardInterrupt:  # Ctrl-C before the first step, or twice during training: nothing more is saved
+        print("interrupted: nothing saved since the last checkpoint (if any)", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

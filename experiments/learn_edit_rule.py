@@ -232,8 +232,6 @@ def fit_teacher(cfg: ExperimentConfig, base_overrides: list[str], dst: Path, ev:
     and at a random training camera (the loop's multi-view distribution). The loss is the L1 of both renders
     (`image` and `image_raw`) against the analytic images, plus `teacher_triplane_l1` × mean |triplane|.
     """
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     from models.checkpoint import save_pretrained
     from training.setup import build_networks
     from training.config import TrainConfig
@@ -247,7 +245,7 @@ def fit_teacher(cfg: ExperimentConfig, base_overrides: list[str], dst: Path, ev:
     prepare_teacher_fit(teacher, cfg.resolution)
     ae = _Autoencoder(teacher, renderer).train()
     # find_unused: ResNet layer3/4 exist only so original checkpoints load; they never run.
-    model = DDP(ae, broadcast_buffers=False, find_unused_parameters=True) if info.distributed else ae
+    model = du.wrap_ddp(ae, info.device, find_unused_parameters=True) if info.distributed else ae
     opt = torch.optim.Adam([{"params": list(teacher.parameters()), "lr": cfg.teacher_lr},
                             {"params": list(renderer.parameters()), "lr": cfg.renderer_lr}])
     g = torch.Generator().manual_seed(_item_seed(cfg.seed, SPLITS["teacher"], info.rank, 0))

@@ -23,10 +23,12 @@ DATA = Path(__file__).resolve().parent / "data"
 
 #: configs/*.yaml → the dataclass it fills (None: not a config dataclass; datasets/layout.py reads it)
 SCHEMAS = {"train.yaml": TrainConfig, "train_tiny.yaml": TrainConfig, "customize.yaml": CustomizeConfig,
-           "datagen.yaml": DatagenConfig, "datagen_tiny.yaml": DatagenConfig, "edit_vocabulary.yaml": None}
+           "customize_tiny.yaml": CustomizeConfig, "datagen.yaml": DatagenConfig, "datagen_tiny.yaml": DatagenConfig,
+           "edit_vocabulary.yaml": None}
 
 TINY_TRAIN = "tiny models on a 64² tiny dataset, on CPU, a few steps, everything logged"
 TINY_DATAGEN = "tiny random models on CPU, 4 portraits × 2 styles, nothing filtered out"
+TINY_CUSTOMIZE = "tiny models (random, or a tiny --base) on 64² pairs, on CPU, a few steps"
 #: Every key whose YAML value differs from its dataclass default, and why. A YAML may restate a default
 #: (train.yaml lists the released run in full), but a difference that is not listed here is drift.
 DIFFERENCES: dict[str, dict[str, str]] = {
@@ -37,6 +39,10 @@ DIFFERENCES: dict[str, dict[str, str]] = {
                               "default 0 keeps every view's graph (the original)",
     },
     "customize.yaml": {},
+    "customize_tiny.yaml": {k: TINY_CUSTOMIZE for k in (
+        "base", "train.name", "train.device", "train.max_steps", "train.data.resolution", "train.data.workers",
+        "train.model.tiny", "train.model.init_checkpoint", "train.log.log_interval", "train.log.image_interval",
+        "train.log.save_interval", "train.log.image_size")},
     "datagen.yaml": {
         "source.seeds": "the full dataset: 10,000 EG3D portraits (the default is a 1,000-portrait run)",
         "source.files_per_dir": "10,000 inputs go into folders of 1,000 (the default writes one folder)",
@@ -48,7 +54,7 @@ DIFFERENCES: dict[str, dict[str, str]] = {
         "name", "seed", "epochs", "max_steps", "device", "data.train_root", "data.val_root", "data.val_fraction",
         "data.resolution", "data.val_batch_size", "data.val_batches", "data.workers", "model.tiny",
         "model.init_checkpoint", "log.log_interval", "log.image_interval", "log.val_interval", "log.save_interval",
-        "log.keep_last", "log.image_size", "log.tqdm")},
+        "log.keep_last", "log.image_size")},
     "datagen_tiny.yaml": {k: TINY_DATAGEN for k in (
         "source.network", "source.seeds", "edit.edit_types", "edit.instructions_per_edit", "edit.model",
         "edit.steps", "edit.resolution", "filter.clip_model", "filter.min_directional",
@@ -102,7 +108,24 @@ def test_yaml_differs_from_the_defaults_only_where_pinned(name):
 def test_a_value_outside_the_choices_fails_when_the_config_loads(cls, name, override, message):
     with pytest.raises(ConfigError) as e:
         load_config(cls, CONFIGS / name, [override])
-    assert str(e.value).startswith(f"{CONFIGS / name}: {message}")
+    assert str(e.value).startswith(f"command-line override '{override}': {message}")
+
+
+def test_an_error_names_where_the_key_came_from(tmp_path):
+    """An unknown key or bad value from an override names the override, not the config file; one from the file
+    names the file."""
+    tiny = CONFIGS / "train_tiny.yaml"
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, tiny, ["name=ok", "foo.bar=1"])
+    assert str(e.value).startswith("command-line override 'foo.bar=1': unknown key 'foo' (valid: bf16, data,")
+    assert "train_tiny.yaml" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"^command-line override 'optim.lr=fast': optim.lr: expected float"):
+        load_config(TrainConfig, tiny, ["optim.lr=fast"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(tiny.read_text() + "foo:\n  bar: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, bad, ["foo.bar=2"])  # the file is wrong already
+    assert str(e.value).startswith(f"{bad}: unknown key 'foo'")
 
 
 def test_a_quoted_choice_loads():
@@ -184,7 +207,7 @@ def test_a_run_config_saved_before_still_loads():
     saved = yaml.safe_load((DATA / "train_config_v1.yaml").read_text())
     assert "stop_after" in saved and "allow_random_init" in saved["model"] and "id_random_init" in saved["loss"]
     cfg = load_config(TrainConfig, DATA / "train_config_v1.yaml")
-    assert cfg == load_config(TrainConfig, CONFIGS / "train_tiny.yaml")
+    assert cfg == load_config(TrainConfig, CONFIGS / "train_tiny.yaml", ["log.tqdm=false"])  # progress: on since
 
 
 @pytest.mark.parametrize("override, hint", [

@@ -45,3 +45,28 @@ def test_single_process_has_no_group(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     info = du.init_distributed("cpu", mode="on")
     assert (info.rank, info.world_size, info.owns_group, info.is_main, info.distributed) == (0, 1, False, True, False)
+
+
+def test_gradients_keep_their_parameters_layout():
+    """A depthwise (C×1×3×3) and a 1×1 (C×K×1×1) convolution over channels_last input get gradients whose strides
+    differ from their weights' only in size-1 dimensions; autograd keeps them as they are, and DDP's reducer
+    warns ("Grad strides do not match bucket view strides"). `keep_grad_layout` gives them the weights' strides."""
+    def grads(keep: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.Conv2d(8, 4, 1))
+        if keep:
+            du.keep_grad_layout(net)
+        x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+        net(x).square().sum().backward()
+        return [p.grad for p in net.parameters() if p.dim() == 4]
+
+    plain, kept = grads(False), grads(True)
+    weights = [(8, 1, 3, 3), (4, 8, 1, 1)]
+    assert [tuple(g.shape) for g in plain] == weights
+    assert any(g.stride() != torch.empty(w).stride() for g, w in zip(plain, weights))  # the cause, on this torch
+    assert [g.stride() for g in kept] == [torch.empty(w).stride() for w in weights]
+    assert all(torch.equal(a, b) for a, b in zip(plain, kept))  # the same values
+
+
+def test_max_over_ranks_alone_is_the_value():
+    assert du.max_over_ranks(15, torch.device("cpu")) == 15 and du.max_over_ranks(0, torch.device("cpu")) == 0

@@ -54,6 +54,15 @@ def test_config_errors_are_one_line_without_traceback(tmp_path, argv, expect):
     assert expect in _one_error_line(proc)
 
 
+def test_an_unknown_override_key_is_named_as_the_command_line_override(tmp_path):
+    proc = _script("train", "--config", "configs/train_tiny.yaml", "foo.bar=1", f"exp_dir={tmp_path}")
+    assert proc.returncode == 2
+    line = _one_error_line(proc)
+    assert line.startswith("error: command-line override 'foo.bar=1': unknown key 'foo' (valid: "), line
+    assert "train_tiny.yaml" not in line
+    assert not (tmp_path / "tiny").exists()  # nothing started
+
+
 def _photos(root: Path, broken: bool) -> Path:
     """Two aligned 'photos' with labels; with `broken`, the second file is not an image (its units fail)."""
     root.mkdir(parents=True)

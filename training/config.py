@@ -76,7 +76,7 @@ class LogConfig:
     save_interval: int = 2000
     keep_last: int = 3
     image_size: int = 256                       # tile side in logged grids
-    tqdm: bool = True
+    tqdm: bool = True                           # progress on stderr: a bar on a terminal, else a line per log_interval
 
 
 @dataclass

@@ -15,7 +15,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from training import state as st
@@ -361,12 +360,9 @@ def build_training(cfg: TrainConfig, train_set: Dataset | None = None,
         renderer.load_state_dict(snapshot.components["renderer"], strict=True)
     du.seed_everything(cfg.seed, info.rank)
 
-    ddp_kwargs: dict[str, Any] = dict(broadcast_buffers=False, find_unused_parameters=cfg.model.find_unused_parameters)
-    if device.type == "cuda":
-        ddp_kwargs["device_ids"] = [device.index]
-    student_ddp = DDP(student, **ddp_kwargs) if info.distributed else student
-    D_ddp = DDP(D, broadcast_buffers=False, **({"device_ids": [device.index]} if device.type == "cuda" else {})) \
-        if info.distributed else D
+    # No buffer broadcast per forward; gradients in their parameters' layout (du.wrap_ddp says why).
+    student_ddp = du.wrap_ddp(student, device, cfg.model.find_unused_parameters) if info.distributed else student
+    D_ddp = du.wrap_ddp(D, device) if info.distributed else D
 
     opt_g = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                               weight_decay=cfg.optim.weight_decay)

@@ -21,6 +21,10 @@ random draws (seeded by (seed, epoch, index) in the dataset), the cameras (a gen
 state are checkpointed, so a run stopped after step k and resumed ends bit-identical to an uninterrupted one.
 Under `torchrun --max-restarts=N` a restarted worker group resumes by itself from the newest complete
 checkpoint (training/setup.py `resume_target`).
+
+Rank 0 says where the run writes, the TensorBoard command and the resume point (stdout), and shows the progress
+(stderr; training/console.py). Ctrl-C or SIGTERM finishes the step, checkpoints it on every rank and ends with
+one line naming the command that resumes the run (training/interrupt.py; exit code 130 / 143).
 """
 from __future__ import annotations
 
@@ -38,6 +42,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from training import state as st
 from training.config import DataConfig, GanConfig, LogConfig, ModelConfig, OptimConfig, TrainConfig
 from training.losses import LossConfig, Stage, d_fake_step, d_real_step, g_adv_loss, generator_step, no_stage
+from training import console
+from training.interrupt import StopOnSignal, resume_command, signal_name
 from training.setup import IndexedEpochs, TrainingSetup, build_training, set_modes
 from utils import distributed as du
 from utils.config import load_config, save_config
@@ -57,6 +63,12 @@ class TrainResult:
     encoder: nn.Module
     renderer: nn.Module
     discriminator: nn.Module
+    signal: int = 0                  # the signal that stopped the run (0: it ended, or the stop_after test hook)
+
+    @property
+    def exit_code(self) -> int:
+        """0, or 128 + the signal that stopped it (130 for Ctrl-C, 143 for SIGTERM), as a shell reports it."""
+        return 128 + self.signal if self.signal else 0
 
 
 # ============================================================================================ step pieces
@@ -225,8 +237,14 @@ def save(s: TrainingSetup, cfg: TrainConfig, step: int, epoch: int, position: in
 
 
 # ============================================================================================ the loop
-def main(cfg: TrainConfig, train_set: Dataset | None = None, val_set: Dataset | None = None) -> TrainResult:
-    """Train (or resume); `train_set`/`val_set` replace the config's data (customize uses this)."""
+def main(cfg: TrainConfig, train_set: Dataset | None = None, val_set: Dataset | None = None,
+         resume_hint: str | None = None) -> TrainResult:
+    """Train (or resume); `train_set`/`val_set` replace the config's data (customize uses this).
+
+    Rank 0 prints the run folder, the TensorBoard command, the resume point and the end (stdout), and the
+    progress (stderr, `log.tqdm`). SIGINT/SIGTERM finish the step, checkpoint it and stop; the last line names
+    `resume_hint`, the command that resumes the run (default: `train_scripts.py train` on its config.yaml).
+    """
     s = build_training(cfg, train_set, val_set)
     info, device = s.info, s.device
     test_hooks = hooks()
@@ -247,73 +265,94 @@ def main(cfg: TrainConfig, train_set: Dataset | None = None, val_set: Dataset | 
     views = 2 if cfg.loss.multiview else 1
     set_modes(s.encoder, list(cfg.model.trainable), cfg.model.frozen_dropout, teacher=s.teacher)
     s.D.train()
-    pbar = None
-    if info.is_main and cfg.log.tqdm:
-        from tqdm import tqdm
-
-        pbar = tqdm(total=s.total_steps, initial=s.step, desc=cfg.name, dynamic_ncols=True)
+    progress = None
+    if info.is_main:
+        for line in console.start_lines(s.run_dir, s.resume_dir, s.step, s.total_steps, s.steps_per_epoch,
+                                        cfg.data.batch_size, info.world_size, device):
+            console.say(line)
+        if cfg.log.tqdm:
+            progress = console.Progress(s.total_steps, s.step, cfg.name, cfg.log.log_interval)
 
     step, epoch, position = s.step, s.epoch, s.position
-    stopped = False
-    for batch in (s.loader if step < s.total_steps else ()):  # the loader never ends: `last` below stops
-        t0 = time.perf_counter()
-        batch = to_device(batch, device)
-        n = batch["input"].shape[0]
-        cams = cameras_for(batch, views, s.cam_gen, device, cfg.loss.one_camera_per_batch)
-        out = train_step(s, cfg, batch, cams, step, autocast)
-        loss, terms, logs, s_views, t_views = out.loss, out.terms, out.logs, out.s_views, out.t_views
-        step += 1
-        position += 1
+    stopped, signum = False, 0
+    with StopOnSignal(announce=info.is_main) as stop:  # SIGINT/SIGTERM: finish the step, save it, stop
+        for batch in (s.loader if step < s.total_steps else ()):  # the loader never ends: `last` below stops
+            t0 = time.perf_counter()
+            batch = to_device(batch, device)
+            n = batch["input"].shape[0]
+            cams = cameras_for(batch, views, s.cam_gen, device, cfg.loss.one_camera_per_batch)
+            out = train_step(s, cfg, batch, cams, step, autocast)
+            loss, terms, logs, s_views, t_views = out.loss, out.terms, out.logs, out.s_views, out.t_views
+            step += 1
+            position += 1
+            signum = stop.agreed(device)  # every rank: a signal that reached any rank stops all after this step
 
-        # ---- logging (every rank joins the reductions)
-        if step % cfg.log.log_interval == 0 or step == 1:
-            scalars = {f"loss/{k}": v.item() for k, v in {"total": loss, **terms}.items()}
-            scalars.update(logs)
-            scalars = du.all_reduce_mean(scalars, device)
-            if writer is not None:
-                for k, v in scalars.items():
-                    writer.add_scalar(k, v, step)
-                writer.add_scalar("lr/student", s.opt_g.param_groups[0]["lr"], step)
-                writer.add_scalar("lr/discriminator", s.opt_d.param_groups[0]["lr"], step)
-                writer.add_scalar("time/step_seconds", time.perf_counter() - t0, step)
-                writer.add_scalar("progress/epoch", epoch, step)
-        if writer is not None and step % cfg.log.image_interval == 0:
-            writer.add_image("train/grid", sample_grid(batch, s_views, t_views, n, views, cfg.log.image_size), step)
-        if pbar is not None:
-            pbar.update(1)
-            pbar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch)
-        if step % cfg.log.val_interval == 0:
-            validate(s, cfg, step, writer, autocast)
+            # ---- logging (every rank joins the reductions)
+            if step % cfg.log.log_interval == 0 or step == 1:
+                scalars = {f"loss/{k}": v.item() for k, v in {"total": loss, **terms}.items()}
+                scalars.update(logs)
+                scalars = du.all_reduce_mean(scalars, device)
+                if writer is not None:
+                    for k, v in scalars.items():
+                        writer.add_scalar(k, v, step)
+                    writer.add_scalar("lr/student", s.opt_g.param_groups[0]["lr"], step)
+                    writer.add_scalar("lr/discriminator", s.opt_d.param_groups[0]["lr"], step)
+                    writer.add_scalar("time/step_seconds", time.perf_counter() - t0, step)
+                    writer.add_scalar("progress/epoch", epoch, step)
+            if writer is not None and step % cfg.log.image_interval == 0:
+                writer.add_image("train/grid", sample_grid(batch, s_views, t_views, n, views, cfg.log.image_size),
+                                 step)
+            if progress is not None:
+                progress.update(step, epoch, loss)
+            if step % cfg.log.val_interval == 0:
+                validate(s, cfg, step, writer, autocast)
 
-        # ---- checkpoint: (epoch, position) names the next batch, as the sampler will produce it
-        if position == s.steps_per_epoch:
-            epoch, position = epoch + 1, 0
-        last = step >= s.total_steps or (stop_after and step >= stop_after)
-        if step % cfg.log.save_interval == 0 or last:
-            if writer is not None:
-                writer.flush()  # on disk before the checkpoint: a killed rank 0 loses no event a resume keeps
-            save(s, cfg, step, epoch, position)
-        kill_at(test_hooks.kill_rank_at_step, info.rank, step)  # tests: a rank dies here, torchrun restarts all
-        if last:
-            stopped = step < s.total_steps  # stopped by the `stop_after` test hook, as if killed
-            break
+            # ---- checkpoint: (epoch, position) names the next batch, as the sampler will produce it
+            if position == s.steps_per_epoch:
+                epoch, position = epoch + 1, 0
+            last = step >= s.total_steps or (stop_after and step >= stop_after) or signum > 0
+            if step % cfg.log.save_interval == 0 or last:
+                if writer is not None:
+                    writer.flush()  # on disk before the checkpoint: a killed rank 0 loses no event a resume keeps
+                save(s, cfg, step, epoch, position)
+            kill_at(test_hooks.kill_rank_at_step, info.rank, step)  # tests: a rank dies here, torchrun restarts
+            if last:
+                stopped = step < s.total_steps  # by a signal, or by the `stop_after` test hook (as if killed)
+                break
 
     # ---- finish: slim inference snapshot (+ the original 3dpe.pt layout)
     if info.is_main and not stopped:
         st.write_final(s.run_dir, s.encoder, s.renderer, s.D, s.configs, s.source, step, cfg, s.card)
-    if pbar is not None:
-        pbar.close()
+    if progress is not None:
+        progress.close()
     if writer is not None:
         writer.close()
-    du.barrier()
-    return TrainResult(s.run_dir, step, stopped, s.encoder, s.renderer, s.D)
+    signum = signum if stopped else 0  # a signal after the last step: the run is complete
+    if info.is_main and (signum or not stopped):  # (the stop_after test hook stops as if killed: silently)
+        console.say(end_line(s, cfg, step, signum, resume_hint, train_set is not None))
+    du.barrier()  # no rank leaves before rank 0 has said so (torchrun ends the others when one rank exits)
+    return TrainResult(s.run_dir, step, stopped, s.encoder, s.renderer, s.D, signum)
+
+
+def end_line(s: TrainingSetup, cfg: TrainConfig, step: int, signum: int, resume_hint: str | None,
+             custom_data: bool) -> str:
+    """How the run ended: the final snapshot, or the step a signal stopped it at and the command that resumes it."""
+    if not signum:
+        extra = f" and {s.run_dir / '3dpe.pt'}" if cfg.export_3dpe else ""
+        return f"done at step {step}: {s.run_dir / 'final'}{extra}"
+    if resume_hint is None:  # `main` called from code: the run's own resolved config resumes it
+        resume_hint = "the same command with --resume" if custom_data else \
+            resume_command(str(s.run_dir / "config.yaml"), [])
+    return (f"stopped at step {step} by {signal_name(signum)}; checkpoint {st.checkpoint_dir(s.ckpt_root, step)}; "
+            f"resume with: {resume_hint}")
 
 
 def run(config_path: str | None, overrides: list[str] = ()) -> TrainResult:
-    """Load the config (`configs/train.yaml` + key=value overrides) and train."""
+    """Load the config (`configs/train.yaml` + key=value overrides) and train; SIGINT/SIGTERM stop it cleanly
+    (`TrainResult.exit_code`: 128 + the signal)."""
     cfg = load_config(TrainConfig, config_path, list(overrides))
     try:
-        return main(cfg)
+        return main(cfg, resume_hint=resume_command(config_path, overrides))
     finally:
         du.destroy_distributed()
 

@@ -11,6 +11,7 @@ an error that says what replaced it.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -159,7 +160,11 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults of `cls` ← YAML file at `path` ← `overrides`; unknown keys raise ConfigError."""
+    """Defaults of `cls` ← YAML file at `path` ← `overrides`; unknown keys raise ConfigError.
+
+    The error names where the bad key or value came from: the file ('<path>: ...') or the command-line
+    override that brought it ("command-line override 'foo.bar=1': ...").
+    """
     data: dict = to_dict(cls())
     if path is not None:
         p = Path(path)
@@ -175,11 +180,29 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
             raise ConfigError(f"config file '{p}' must hold a mapping")
         _drop_retired(cls, loaded)
         _deep_update(data, loaded)
+    from_file = copy.deepcopy(data)
     apply_overrides(data, overrides)
     try:
         return from_dict(cls, data)
     except ConfigError as e:
-        raise ConfigError(f"{path if path is not None else cls.__name__}: {e}") from e
+        source, error = _blame(cls, path, from_file, overrides, e)
+        raise ConfigError(f"{source}: {error}") from e
+
+
+def _blame(cls: type, path: str | Path | None, from_file: dict, overrides: Sequence[str],
+           error: ConfigError) -> tuple[str, ConfigError]:
+    """(where the error comes from, its message): the file (defaults + file fail alone), else the first
+    override that fails alone on top of the file, else the overrides together."""
+    try:
+        from_dict(cls, copy.deepcopy(from_file))
+    except ConfigError as e:
+        return (str(path) if path is not None else cls.__name__), e
+    for item in overrides:
+        try:
+            from_dict(cls, apply_overrides(copy.deepcopy(from_file), [item]))
+        except ConfigError as e:
+            return f"command-line override '{item}'", e
+    return "the command-line overrides together", error
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -11,14 +11,17 @@ Without them everything here degrades to a single process: `all_reduce_*` are id
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import random
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from utils.device import resolve_device
 from utils.errors import ConfigError
@@ -145,6 +148,65 @@ def all_reduce_mean(values: dict[str, float | torch.Tensor], device: torch.devic
     return {k: float(v) for k, v in zip(keys, t.tolist())}
 
 
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest `value` of all ranks (call on every rank; `value` itself in a single process).
+
+    E.g. a stop request (a signal number, 0 = none) that reached only some ranks becomes every rank's:
+    one all-reduce of one integer.
+    """
+    if not is_dist():
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def wrap_ddp(module: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
+    """`module` in DistributedDataParallel on `device`, without per-forward buffer syncs or stride mismatches.
+
+    - Buffers are not broadcast before each forward. torch >= 2.13 spells this `forward_sync_buffers=False`
+      (`broadcast_buffers=False` is deprecated: a FutureWarning per rank). Unlike the old flag, DDP still
+      broadcasts the buffers once when it is built; every rank built them from the same seed or checkpoint,
+      so that changes nothing.
+    - Gradients take their parameter's strides (`keep_grad_layout`), so DDP's reducer does not warn
+      "Grad strides do not match bucket view strides".
+    """
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    kwargs: dict[str, Any] = {"find_unused_parameters": find_unused_parameters}
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        kwargs["forward_sync_buffers"] = False
+    else:  # torch < 2.13
+        kwargs["broadcast_buffers"] = False
+    if device.type == "cuda":
+        kwargs["device_ids"] = [device.index]
+    keep_grad_layout(module)
+    return DDP(module, **kwargs)
+
+
+def keep_grad_layout(module: nn.Module) -> None:
+    """Make the gradient of every trainable parameter with a size-1 dimension take the parameter's strides.
+
+    Autograd keeps a new gradient as it comes when its strides differ from the parameter's only in size-1
+    dimensions, e.g. a depthwise convolution over channels_last input gives its C×1×3×3 weight a gradient with
+    strides (9, 1, 3, 1) against the weight's (9, 9, 3, 1), and a 1×1 convolution's C×K×1×1 weight (K, 1, K, K)
+    against (K, 1, 1, 1). DDP's reducer compares every stride and warns once per process. A hook copies such a
+    gradient into the parameter's layout before it is accumulated (small tensors; the values are unchanged).
+    Parameters without a size-1 dimension need nothing: autograd already copies theirs into the parameter's layout.
+    """
+    for p in module.parameters():
+        if p.requires_grad and p.dim() > 1 and 1 in p.shape:
+            p.register_hook(functools.partial(_in_layout_of, p))
+
+
+def _in_layout_of(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    if grad.stride() == param.stride():
+        return grad
+    return torch.empty_strided(param.shape, param.stride(), dtype=grad.dtype, device=grad.device).copy_(grad)
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order ([obj] in a single process)."""
     if not is_dist():
@@ -161,6 +223,19 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def print_line(text: str = "", *, file: TextIO | None = None) -> None:
+    """Print `text` as one whole line (default stdout): a single write of the text with its newline, then a flush.
+
+    torchrun's ranks share the terminal or pipe, and `print` writes the text and the newline separately when
+    the stream is unbuffered (PYTHONUNBUFFERED, `python -u`), so another rank's line could land in between
+    (two lines run into one). One write of a line up to PIPE_BUF bytes (4 KiB on Linux) to a pipe is atomic;
+    every line a rank prints goes through here.
+    """
+    stream = sys.stdout if file is None else file
+    stream.write(f"{text}\n")
+    stream.flush()
 
 
 def rank_share(items: list[Any], rank: int, world_size: int) -> list[Any]:
