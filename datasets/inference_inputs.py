@@ -17,7 +17,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from utils.image_io import list_images
+from utils.errors import BadImageError
+from utils.image_io import list_images, load_image
 
 PORTRAIT_SIZE = 512
 
@@ -56,8 +57,14 @@ def build_jobs(
     prompts_file: str | Path | None = None,
     needs_prompt: bool = True,
 ) -> tuple[list[EditJob], list[str]]:
-    """Pair every input with its prompt → (jobs, problems). Problems name the file and the fix."""
+    """Pair every input with its prompt → (jobs, problems). Problems name the file and the fix.
+
+    Raises FileNotFoundError for a missing input folder, prompts file or `ref` file, and BadImageError for a
+    `ref` that is no readable image: files the command line names are checked before any model loads.
+    """
     data_dir = Path(data_dir)
+    if ref is not None:
+        check_reference_file(ref)
     input_dir = data_dir / "input"
     if not input_dir.is_dir():
         raise FileNotFoundError(
@@ -74,7 +81,8 @@ def build_jobs(
         pf = data_dir / "prompts.txt"
     if pf is not None:
         if not pf.is_file():
-            raise FileNotFoundError(f"Prompts file '{pf}' does not exist.")
+            raise FileNotFoundError(f"--prompts-file '{pf}' does not exist: pass an existing file of "
+                                    "'stem<TAB>prompt' lines (--prompts-file FILE)")
         per_stem, default_prompt = read_prompts_file(pf)
 
     jobs, problems = [], []
@@ -100,15 +108,32 @@ def build_jobs(
     return jobs, problems
 
 
-def prepare_portrait(img: Image.Image, size: int = PORTRAIT_SIZE, name: str = "image") -> Image.Image:
-    """Centre-crop a non-square image to a square (with a warning) and resize to size² (PIL bicubic)."""
+def check_reference_file(ref: str | Path) -> None:
+    """Raise FileNotFoundError unless `ref` (the --ref option) is a file, BadImageError unless it decodes."""
+    path = Path(ref)
+    if not path.is_file():
+        what = "is a folder, not an image file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"--ref '{path}' {what}: pass the path of a reference image (--ref FILE)")
+    try:
+        load_image(path)
+    except BadImageError as e:
+        cause = e.__cause__ or e
+        raise BadImageError(f"--ref '{path}' is not a readable image ({type(cause).__name__}: {cause}): pass a "
+                            "PNG or JPEG reference (--ref FILE)") from e
+
+
+def prepare_portrait(img: Image.Image, size: int = PORTRAIT_SIZE, name: str = "image",
+                     suggest_align: bool = True) -> Image.Image:
+    """Centre-crop a non-square image to a square (with a warning) and resize to size² (PIL bicubic).
+
+    `suggest_align`: the warning suggests --align (False for an image --align has already seen: a reference
+    without a face).
+    """
     w, h = img.size
     if w != h:
-        warnings.warn(
-            f"{name}: {w}x{h} is not square; centre-cropping. Pass --align to crop the face the way "
-            "EG3D was trained (much better results on in-the-wild photos).",
-            stacklevel=2,
-        )
+        hint = (" Pass --align to crop the face the way EG3D was trained (much better results on in-the-wild "
+                "photos).") if suggest_align else ""
+        warnings.warn(f"{name}: {w}x{h} is not square; centre-cropping.{hint}", stacklevel=2)
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2
         img = img.crop((left, top, left + side, top + side))

@@ -27,11 +27,12 @@ import torch.nn.functional as F
 
 from utils.batching import broadcast_list
 from utils.device import resolve_device
-from utils.errors import BadImageError, ConfigError, MissingWeightsError
+from utils.errors import BadImageError, ConfigError, MissingWeightsError, ThreeDPEError
 
 DEFAULT_LOCAL_FOLDER = "pretrained_models/instruct-pix2pix"
-IP2P_URL = ("https://huggingface.co/timbrooks/instruct-pix2pix (download the whole repository, e.g. "
-            "`huggingface-cli download timbrooks/instruct-pix2pix --local-dir pretrained_models/instruct-pix2pix`)")
+DEFAULT_HUB_ID = "timbrooks/instruct-pix2pix"
+DOWNLOAD_COMMAND = f"hf download {DEFAULT_HUB_ID} --local-dir {DEFAULT_LOCAL_FOLDER}"
+IP2P_URL = f"https://huggingface.co/{DEFAULT_HUB_ID} (download the whole repository, e.g. `{DOWNLOAD_COMMAND}`)"
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -53,7 +54,7 @@ class InstructPix2PixConfig:
     disable_safety_checker: load without the NSFW checker (it blacks out false positives on portraits).
     """
 
-    model: str = "timbrooks/instruct-pix2pix"
+    model: str = DEFAULT_HUB_ID
     steps: int = 20
     guidance_scale: float = 7.5
     image_guidance_scale: float = 1.5
@@ -72,26 +73,75 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+class InstructPix2PixMissingError(MissingWeightsError):
+    """Text prompts with a MAE checkpoint need the InstructPix2Pix weights, and they are not there.
+
+    One line: where they were looked for, the `hf download` command that gets them, and `--ip2p-model PATH`.
+    """
+
+    def __init__(self, where: str, why: str, command: str = DOWNLOAD_COMMAND):
+        self.path = str(where)
+        ThreeDPEError.__init__(
+            self, f"text prompts with a MAE checkpoint (such as 3dpe.pt) go through InstructPix2Pix, and its weights "
+            f"are missing: {why}. Get them with `{command}`, or pass --ip2p-model PATH (a diffusers folder with "
+            "model_index.json).")
+
+
+def _source(cfg: InstructPix2PixConfig) -> str:
+    """Where `cfg.model` is read from: the default Hub id means the local default folder when that exists."""
+    if cfg.model == DEFAULT_HUB_ID and Path(DEFAULT_LOCAL_FOLDER).is_dir():
+        return DEFAULT_LOCAL_FOLDER
+    return cfg.model
+
+
+def _looks_local(source: str) -> bool:
+    return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
+
+
+def check_instruct_pix2pix(cfg: InstructPix2PixConfig, allow_download: bool = False) -> str:
+    """Where the weights of `cfg.model` will be read from, found without loading them → a folder or a Hub id.
+
+    A local folder must hold `model_index.json`; a Hub id must be in the Hugging Face cache, unless
+    `allow_download` (an id the user named) and HF_HUB_OFFLINE is not set. Takes milliseconds, so the tools
+    call it before loading anything else. Raises `InstructPix2PixMissingError` (one line).
+    """
+    source = _source(cfg)
+    if _looks_local(source):
+        folder = Path(source).expanduser()
+        if (folder / "model_index.json").is_file():
+            return str(folder)
+        why = (f"'{source}' has no model_index.json (an incomplete download?)" if folder.is_dir()
+               else f"no folder '{source}'")
+        raise InstructPix2PixMissingError(source, why)
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(source, "model_index.json"), str):
+        return source
+    if allow_download and not constants.HF_HUB_OFFLINE:
+        return source
+    if source == DEFAULT_HUB_ID:
+        raise InstructPix2PixMissingError(
+            DEFAULT_LOCAL_FOLDER, f"no folder '{DEFAULT_LOCAL_FOLDER}', and '{DEFAULT_HUB_ID}' is not in the "
+            "Hugging Face cache")
+    offline = " and HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else ""
+    raise InstructPix2PixMissingError(source, f"'{source}' is not in the Hugging Face cache{offline}",
+                                      command=f"hf download {source}")
+
+
 def load_instruct_pix2pix_pipeline(cfg: InstructPix2PixConfig, device: torch.device, dtype: torch.dtype):
     """diffusers StableDiffusionInstructPix2PixPipeline from a local folder or the HF id (cache when offline)."""
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
-    source = cfg.model
-    if source == InstructPix2PixConfig.model and Path(DEFAULT_LOCAL_FOLDER).is_dir():
-        source = DEFAULT_LOCAL_FOLDER
+    source = check_instruct_pix2pix(cfg, allow_download=True)
     kwargs: dict[str, Any] = {"dtype": dtype}  # diffusers' current name for torch_dtype
     if cfg.disable_safety_checker:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    local = Path(source).expanduser()
-    looks_local = local.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
-    if looks_local and not (local / "model_index.json").is_file():
-        raise MissingWeightsError(str(local / "model_index.json"), "InstructPix2Pix diffusers folder", IP2P_URL)
     try:
-        pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(str(local) if looks_local else source, **kwargs)
+        pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:  # offline without a cache, or a partial download
-        raise MissingWeightsError(
-            DEFAULT_LOCAL_FOLDER, f"InstructPix2Pix weights ('{source}' could not be loaded: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''})", IP2P_URL) from e
+        raise InstructPix2PixMissingError(
+            source, f"'{source}' could not be loaded ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})") from e
     return pipe.to(device)
 
 
@@ -254,20 +304,43 @@ class LazyInstructPix2Pix:
     """The InstructPix2Pix bridge for text prompts with MAE checkpoints, built on first use.
 
     `bridge(images N×3×H×W in [-1,1], instructions) -> N×3×H×W` edits with `cfg.seed` for every sample, so the
-    pipeline (GBs of weights) is only loaded when a text prompt actually needs it.
+    pipeline (GBs of weights) is only loaded when a text prompt actually needs it. `check()` finds the weights
+    without loading them (call it before a long job). `allow_download`: a Hub id the user named may be fetched;
+    the default is read only from `pretrained_models/instruct-pix2pix` or the cache. A failed load is not
+    retried: later calls raise the same error at once.
     """
 
-    def __init__(self, cfg: InstructPix2PixConfig, device: str | torch.device | None = None):
-        self.cfg, self.device, self._editor = cfg, device, None
+    def __init__(self, cfg: InstructPix2PixConfig, device: str | torch.device | None = None,
+                 allow_download: bool = False):
+        self.cfg, self.device, self.allow_download = cfg, device, allow_download
+        self._editor: InstructPix2PixEditor | None = None
+        self._error: ThreeDPEError | None = None
+
+    def check(self) -> str:
+        """Where the weights will be read from (`check_instruct_pix2pix`); raises InstructPix2PixMissingError."""
+        return check_instruct_pix2pix(self.cfg, allow_download=self.allow_download)
 
     def __call__(self, images: torch.Tensor, instructions: Sequence[str]) -> torch.Tensor:
         if self._editor is None:
-            self._editor = InstructPix2PixEditor(self.cfg, device=self.device)
+            if self._error is not None:
+                raise self._error
+            try:
+                self.check()
+                self._editor = InstructPix2PixEditor(self.cfg, device=self.device)
+            except ThreeDPEError as e:
+                self._error = e
+                raise
         return self._editor(images, list(instructions), seeds=[self.cfg.seed] * len(instructions))
 
 
 def bridge_from_args(args: Any, device: str | torch.device | None = None) -> LazyInstructPix2Pix:
-    """The bridge from the CLIs' shared options (`--ip2p-model/-steps/-guidance/-image-guidance`, `--seed`)."""
+    """The bridge from the CLIs' shared options (`--ip2p-model/-steps/-guidance/-image-guidance`, `--seed`).
+
+    `--ip2p-model` unset (None) means the default weights (`pretrained_models/instruct-pix2pix`, else the
+    cached `timbrooks/instruct-pix2pix`), never downloaded; a Hub id given there may be downloaded.
+    """
+    model = getattr(args, "ip2p_model", None)
     return LazyInstructPix2Pix(InstructPix2PixConfig(
-        model=args.ip2p_model, steps=args.ip2p_steps, guidance_scale=args.ip2p_guidance,
-        image_guidance_scale=args.ip2p_image_guidance, seed=args.seed), device=device)
+        model=model or DEFAULT_HUB_ID, steps=args.ip2p_steps, guidance_scale=args.ip2p_guidance,
+        image_guidance_scale=args.ip2p_image_guidance, seed=args.seed), device=device,
+        allow_download=model is not None)

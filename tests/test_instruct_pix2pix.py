@@ -72,3 +72,36 @@ def test_pil_input(editor):
 def test_missing_model_folder(tmp_path):
     with pytest.raises(MissingWeightsError, match="instruct-pix2pix"):
         InstructPix2PixEditor(InstructPix2PixConfig(model=str(tmp_path / "nowhere")), device="cpu")
+
+
+def test_bridge_checks_without_loading_and_does_not_retry(tmp_path, monkeypatch):
+    """The weights are found (or not) without loading them, and a failed load is not retried per input."""
+    import huggingface_hub.constants
+
+    import pipelines.instruct_pix2pix as ip2p
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # no pretrained_models/instruct-pix2pix here
+    bridge = ip2p.LazyInstructPix2Pix(ip2p.InstructPix2PixConfig(), device="cpu")
+    with pytest.raises(ip2p.InstructPix2PixMissingError) as info:
+        bridge.check()
+    msg = str(info.value)
+    assert "'pretrained_models/instruct-pix2pix'" in msg and "--ip2p-model PATH" in msg and "\n" not in msg
+    assert f"`{ip2p.DOWNLOAD_COMMAND}`" in msg and ip2p.DOWNLOAD_COMMAND.startswith("hf download ")
+    checks = []
+    real = ip2p.check_instruct_pix2pix
+    monkeypatch.setattr(ip2p, "check_instruct_pix2pix", lambda *a, **k: checks.append(1) or real(*a, **k))
+    for _ in range(3):
+        with pytest.raises(MissingWeightsError):
+            bridge(torch.zeros(1, 3, 8, 8), ["x"])
+    assert len(checks) == 1
+    # the default folder, once there, is used (a folder given with --ip2p-model too)
+    folder = tmp_path / ip2p.DEFAULT_LOCAL_FOLDER
+    folder.mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    assert ip2p.LazyInstructPix2Pix(ip2p.InstructPix2PixConfig()).check() == ip2p.DEFAULT_LOCAL_FOLDER
+    assert ip2p.check_instruct_pix2pix(ip2p.InstructPix2PixConfig(model=str(folder))) == str(folder)
+    empty = tmp_path / "partial"
+    empty.mkdir()
+    with pytest.raises(ip2p.InstructPix2PixMissingError, match="has no model_index.json"):
+        ip2p.check_instruct_pix2pix(ip2p.InstructPix2PixConfig(model=str(empty)))

@@ -64,13 +64,17 @@ def add_editor_arguments(
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format for the conv weights")
     p.add_argument("--seed", type=int, default=0, help="seed for anything random (InstructPix2Pix, random init)")
     p.add_argument("--random-init", action="store_true",
-                   help="random weights: checks the install without any weight file, the pictures are noise")
+                   help="random weights: checks the install without any weight file (the views come out as one "
+                        "flat colour, no face)")
     p.add_argument("--random-init-kind", choices=["edit", "reconstruct"], default="edit",
                    help="with --random-init: a 3DPE editor or a Live3D reconstructor")
     p.add_argument("--prompt-encoder", choices=["mae", "clip"], default="mae", help="with --random-init")
     p.add_argument("--tiny", action="store_true", help="with --random-init: tiny models (smoke tests)")
     g = p.add_argument_group("InstructPix2Pix bridge (text prompts with a MAE checkpoint such as 3dpe.pt)")
-    g.add_argument("--ip2p-model", default="timbrooks/instruct-pix2pix", help="model id or local folder")
+    g.add_argument("--ip2p-model", default=None,
+                   help="diffusers folder or Hub id (default: pretrained_models/instruct-pix2pix, else "
+                        "timbrooks/instruct-pix2pix from the Hugging Face cache; get it with `hf download "
+                        "timbrooks/instruct-pix2pix --local-dir pretrained_models/instruct-pix2pix`)")
     g.add_argument("--ip2p-steps", type=int, default=20)
     g.add_argument("--ip2p-guidance", type=float, default=7.5)
     g.add_argument("--ip2p-image-guidance", type=float, default=1.5)
@@ -90,18 +94,39 @@ def editor_argv(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def editor_from_args(args: argparse.Namespace, needs_text: bool) -> PortraitEditor:
+def check_checkpoint_arg(args: argparse.Namespace) -> None:
+    """Raise `CheckpointNotFoundError` when --checkpoint (without --random-init) is neither a local path nor a
+    Hub id: a file-system check only, so a tool can make it before anything slow."""
+    from models.hub import is_local_or_hub
+
+    if not args.random_init and (args.checkpoint is None or not is_local_or_hub(args.checkpoint)):
+        raise CheckpointNotFoundError(args.checkpoint)
+
+
+def describe_editor_source(args: argparse.Namespace) -> str:
+    """What `editor_from_args` will load, in words (for the 'loading' status line)."""
+    if args.random_init:
+        size = "tiny" if args.tiny else "full-size"
+        return f"random weights ({size} {'3DPE editor' if args.random_init_kind == 'edit' else 'Live3D'})"
+    return str(args.checkpoint)
+
+
+RANDOM_INIT_WARNING = ("WARNING: --random-init: random weights; the views come out as one flat colour without a "
+                       "face (this only checks the install).")
+
+
+def editor_from_args(args: argparse.Namespace, needs_text: bool, warn_random_init: bool = True) -> PortraitEditor:
     """The `PortraitEditor` the shared options describe: random weights (--random-init) or a checkpoint.
 
     Seeds torch with --seed first, so random weights and anything random afterwards repeat. `needs_text`:
     give the editor the InstructPix2Pix bridge (from the --ip2p-* options; its weights load on the first
     text edit with a MAE checkpoint). Raises `CheckpointNotFoundError` for a checkpoint that is not there and
     another `ThreeDPEError` for a Hub id that cannot be had or a file that is no editor checkpoint: every tool
-    reports it with `utils.errors.report_user_error` (one line, exit status 2).
+    reports it with `utils.errors.report_user_error` (one line, exit status 2). `warn_random_init`: print
+    `RANDOM_INIT_WARNING` on stderr for --random-init (a tool that printed it already passes False).
     """
     import torch
 
-    from models.hub import is_local_or_hub
     from pipelines.editor import PortraitEditor
     from pipelines.instruct_pix2pix import bridge_from_args
     from utils.device import resolve_device
@@ -114,10 +139,9 @@ def editor_from_args(args: argparse.Namespace, needs_text: bool) -> PortraitEdit
                                             prompt_encoder=args.prompt_encoder, device=device,
                                             precision=args.precision, channels_last=args.channels_last,
                                             text_bridge=bridge)
-        print("WARNING: --random-init: random weights, the pictures are noise (this only checks the install).",
-              file=sys.stderr)
+        if warn_random_init:
+            print(RANDOM_INIT_WARNING, file=sys.stderr)
         return editor
-    if args.checkpoint is None or not is_local_or_hub(args.checkpoint):  # a Hub id is checked by from_pretrained
-        raise CheckpointNotFoundError(args.checkpoint)
+    check_checkpoint_arg(args)  # a Hub id is checked by from_pretrained
     return PortraitEditor.from_pretrained(args.checkpoint, device=device, precision=args.precision,
                                           channels_last=args.channels_last, text_bridge=bridge)
