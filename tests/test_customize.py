@@ -14,6 +14,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 CUSTOMIZE = ROOT / "configs" / "customize.yaml"
+CUSTOMIZE_TINY = ROOT / "configs" / "customize_tiny.yaml"
 TINY_OVERRIDES = [
     "train.model.tiny=true", "train.model.init_checkpoint=", "train.data.resolution=64", "train.data.workers=0",
     "train.device=cpu", "train.max_steps=2", "train.log.save_interval=2", "train.log.tqdm=false",
@@ -131,14 +132,21 @@ def test_customize_needs_pairs(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- `train_scripts.py customize`
-def _cli(argv: list[str], capsys) -> tuple[int, str]:
-    """Run `train_scripts.py customize ...` in-process; (exit code, stderr)."""
+def _cli(argv: list[str], capsys, config: Path = CUSTOMIZE) -> tuple[int, str]:
+    """Run `train_scripts.py customize --config CONFIG ...` in-process; (exit code, stderr)."""
+    rc, _, err = _cli_out(argv, capsys, config)
+    return rc, err
+
+
+def _cli_out(argv: list[str], capsys, config: Path = CUSTOMIZE) -> tuple[int, str, str]:
+    """Run `train_scripts.py customize --config CONFIG ...` in-process; (exit code, stdout, stderr)."""
     sys.path.insert(0, str(ROOT))
     import train_scripts
 
     capsys.readouterr()
-    rc = train_scripts.main(["customize", "--config", str(CUSTOMIZE), *argv])
-    return rc, capsys.readouterr().err
+    rc = train_scripts.main(["customize", "--config", str(config), *argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
 
 
 def _error_line(err: str) -> str:
@@ -177,6 +185,31 @@ def test_customize_no_matching_stems_is_one_line(tmp_path, capsys):
     rc, err = _cli(["--pairs", str(pairs), *TINY_OVERRIDES], capsys)
     line = _error_line(err)
     assert rc == 2 and str(pairs / "input") in line and str(pairs / "edited") in line and "same stem" in line
+
+
+def test_customize_missing_base_names_the_option(tmp_path, capsys):
+    pairs = _pairs(tmp_path / "pairs", n=1)
+    missing = tmp_path / "nowhere" / "3dpe.pt"
+    rc, err = _cli(["--pairs", str(pairs), "--base", str(missing), *TINY_OVERRIDES], capsys)
+    line = _error_line(err)
+    assert rc == 2 and f"'{missing}' does not exist" in line
+    assert "--base PATH" in line and "base=PATH" in line  # the flag, and the config key for an override
+
+
+def test_tiny_config_customizes_a_tiny_base_on_cpu(tmp_path, capsys, base_checkpoint):
+    """configs/customize_tiny.yaml as shipped (only the run folder moved): `--pairs DIR --base CKPT` runs on CPU
+    and says where the model is."""
+    from pipelines.editor import PortraitEditor
+
+    pairs = _pairs(tmp_path / "pairs", n=2)
+    rc, out, err = _cli_out(["--pairs", str(pairs), "--base", str(base_checkpoint),
+                             f"train.exp_dir={tmp_path / 'exps'}"], capsys, CUSTOMIZE_TINY)
+    assert rc == 0, err
+    final = tmp_path / "exps" / "custom_tiny" / "final"
+    assert f"customized model: {final}/ (python test_scripts.py --checkpoint {final})" in out.splitlines()
+    editor = PortraitEditor.from_pretrained(final, device="cpu")
+    img = torch.rand(1, 3, 64, 64) * 2 - 1
+    assert editor.edit(img, editor.encode_prompt(reference=img)).shape == (1, 96, 32, 32)
 
 
 def test_customize_skips_unmatched_inputs_with_one_warning(tmp_path, capsys, base_checkpoint):

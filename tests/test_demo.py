@@ -190,8 +190,9 @@ def test_main_removes_temp_dir_when_it_stops(monkeypatch, stop):
     assert not work.exists()
 
 
-def test_main_removes_temp_dir_when_app_is_closed(monkeypatch):
-    """A real blocking launch; closing the app (from another thread) ends main and removes the folder."""
+def test_main_removes_temp_dir_when_app_is_closed(monkeypatch, capfd):
+    """A real blocking launch; closing the app (from another thread) ends main and removes the folder. What it
+    printed names our --share flag, not Gradio's `launch(share=True)`."""
     pytest.importorskip("gradio", reason="gradio is optional (pip install gradio)")
     import threading
 
@@ -210,5 +211,11 @@ def test_main_removes_temp_dir_when_app_is_closed(monkeypatch):
         return real_launch(app, port=port, share=share, block=block, allowed_paths=allowed_paths)
 
     monkeypatch.setattr(demo, "launch", launch_then_close)
-    assert demo.main(["--random-init", "--tiny", "--device", "cpu", "--port", str(_free_port())]) == 0
+    port = _free_port()
+    assert demo.main(["--random-init", "--tiny", "--device", "cpu", "--port", str(port)]) == 0
     assert seen and not seen[0].exists()
+    out = capfd.readouterr()
+    lines = out.out.splitlines()
+    assert f"demo running on http://127.0.0.1:{port}/ (Ctrl-C to stop)" in lines, out.out
+    assert "public link: none (pass --share for a temporary public Gradio link)" in lines
+    assert "share=True" not in out.out + out.err

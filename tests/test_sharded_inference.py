@@ -41,8 +41,61 @@ def _files(folder: Path) -> dict[str, str]:
             for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
 
 
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600, check=False)
+def _run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env={**ENV, **env}, capture_output=True, text=True, timeout=600,
+                          check=False)
+
+
+PRINTER = """
+import os, sys, time
+from pathlib import Path
+from utils.distributed import print_line
+me, folder = os.environ["WHO"], Path(os.environ["SYNC_DIR"])
+(folder / me).touch()
+while not (folder / "go").exists():  # both processes print at the same time
+    time.sleep(0.01)
+for i in range(int(os.environ["N_LINES"])):
+    print_line(f"{me}/{i:05d}/" + "x" * 80)
+"""
+
+
+def test_lines_printed_by_several_processes_never_run_into_each_other(tmp_path: Path):
+    """Two processes print to one pipe at once, unbuffered (as torchrun's ranks do with PYTHONUNBUFFERED=1, where
+    `print`'s separate write of the newline let two ranks' lines run into one): every line arrives whole."""
+    n = 20000
+    read, write = os.pipe()
+    env = {**ENV, "PYTHONUNBUFFERED": "1", "SYNC_DIR": str(tmp_path), "N_LINES": str(n)}
+    procs = [subprocess.Popen([sys.executable, "-c", PRINTER], cwd=ROOT, env={**env, "WHO": who}, stdout=write)
+             for who in ("a", "b")]
+    os.close(write)
+    deadline = time.monotonic() + 300
+    while not ((tmp_path / "a").exists() and (tmp_path / "b").exists()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    with os.fdopen(read) as pipe:
+        lines = pipe.read().splitlines()
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    bad = [line for line in lines if not re.fullmatch(r"[ab]/\d{5}/x{80}", line)]
+    assert not bad and len(lines) == 2 * n, bad[:3]
+
+
+def test_print_line_is_one_flushed_write():
+    from utils.distributed import print_line
+
+    class Recorder:
+        def __init__(self):
+            self.calls: list[tuple[str, str]] = []
+
+        def write(self, text: str) -> int:
+            self.calls.append(("write", text))
+            return len(text)
+
+        def flush(self) -> None:
+            self.calls.append(("flush", ""))
+
+    out = Recorder()
+    print_line("done: 3 seeds", file=out)
+    assert out.calls == [("write", "done: 3 seeds\n"), ("flush", "")]
 
 
 def test_two_ranks_write_the_one_process_files_and_one_summary(tmp_path: Path):
@@ -88,11 +141,13 @@ def test_eg3d_samples_two_ranks_match_one_process(tmp_path: Path, tiny_network: 
     args = ["-m", "tools.eg3d_samples", "--network", str(tiny_network), "--seeds", "0-4", "--yaws", "-20", "20",
             "--save-tensors", "--device", "cpu"]
     one = _run([sys.executable, *args, "--outdir", str(tmp_path / "one")])
-    two = _run([*TORCHRUN, *args, "--outdir", str(tmp_path / "two")])
+    # unbuffered output: the ranks' lines would interleave if a line took more than one write (print_line)
+    two = _run([*TORCHRUN, *args, "--outdir", str(tmp_path / "two")], PYTHONUNBUFFERED="1")
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
     files = _files(tmp_path / "one")
     assert len(files) == 10
     assert _files(tmp_path / "two") == files
+    assert one.stdout.splitlines()[-1] == f"done: 5 seeds written to {tmp_path / 'one'}/"
     assert [line for line in two.stdout.splitlines() if line.startswith("done:")] == [
         f"done: 5 seeds written to {tmp_path / 'two'}/, 2 processes"]
     # each seed written by exactly one rank: each path printed once

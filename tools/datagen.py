@@ -17,6 +17,7 @@ from typing import Sequence
 
 from pipelines import datagen
 from utils.config import load_config
+from utils.distributed import print_line
 from utils.errors import ThreeDPEError, report_user_error
 
 
@@ -32,13 +33,13 @@ def cli(argv: Sequence[str] | None = None) -> int:
     try:
         if args.merge_only:
             cfg = load_config(datagen.DatagenConfig, args.config, args.overrides)
-            print(json.dumps(datagen.merge_outputs(cfg.output_dir)))
+            print_line(json.dumps(datagen.merge_outputs(cfg.output_dir)))
             return 0
         summary = datagen.main(args.config, args.overrides)
     except ThreeDPEError as e:
         return report_user_error(e)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: v for k, v in summary.items() if k != "per_rank"}))
+        print_line(json.dumps({k: v for k, v in summary.items() if k != "per_rank"}))
     return 1 if summary["failed"] else 0
 
 

@@ -3,7 +3,7 @@ video, and yaw/pitch sliders that re-render the cached triplane without re-encod
 
     pip install gradio                       # optional dependency, not in requirements.txt
     python -m tools.demo --checkpoint pretrained_models/3dpe.pt [--device cuda] [--port 7860] [--share]
-    python -m tools.demo --random-init --tiny    # try the UI without weights (pictures are noise)
+    python -m tools.demo --random-init --tiny    # try the UI without weights (random weights: the pictures show no face)
 
 The app binds to 127.0.0.1; `--share` (off by default) asks Gradio for a public link. All the logic is
 in `DemoSession`, a plain class usable (and tested) without Gradio. One session serves the app: it is
@@ -316,9 +316,29 @@ def build_app(session: DemoSession, examples: list[str] | None = None) -> Any:
 
 def launch(app: Any, port: int | None = None, share: bool = False, block: bool = True,
            allowed_paths: list[str] | None = None) -> Any:
-    """Launch on 127.0.0.1 (public link only with share=True). block=False returns at once (tests)."""
-    return app.launch(server_name="127.0.0.1", server_port=port, share=share, prevent_thread_lock=not block,
-                      quiet=not block, allowed_paths=allowed_paths, inbrowser=False)
+    """Launch on 127.0.0.1 (public link only with share=True). block=False returns at once (tests).
+
+    Gradio's own start-up lines are silenced (`quiet`: its hint "set `share=True` in `launch()`" names its Python
+    API, not this command's flag); when blocking, `startup_lines` are printed instead, then it serves until the
+    app is closed or Ctrl-C. Gradio still prints the public URL (or why there is none) with share=True.
+    """
+    result = app.launch(server_name="127.0.0.1", server_port=port, share=share, prevent_thread_lock=True,
+                        quiet=True, allowed_paths=allowed_paths, inbrowser=False)
+    if block:
+        from utils.distributed import print_line
+
+        for line in startup_lines(app.local_url, share):
+            print_line(line)
+        app.block_thread()
+    return result
+
+
+def startup_lines(local_url: str, share: bool) -> list[str]:
+    """What the command prints once the app serves: where it is, and how to get a public link."""
+    lines = [f"demo running on {local_url} (Ctrl-C to stop)"]
+    if not share:
+        lines.append("public link: none (pass --share for a temporary public Gradio link)")
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,8 +11,11 @@ generator's rendering config: 2.7, (0, 0, 0.2) for FFHQ), deterministic sampling
 Writes `seed0011.png` (the 512² views side by side, uint8 = round((clamp(x,-1,1)+1)·127.5)) and, with
 --save-tensors, `seed0011.safetensors` with `planes` 1×96×256×256, `image` V×3×512×512,
 `image_raw` V×3×128×128, `image_depth` V×1×128×128 (views in --yaws order).
---network: an EG3D .pkl (read safely, see docs/checkpoints.md), the converted .pth, or a project checkpoint.
+--network: an EG3D .pkl (read safely, see docs/checkpoints.md), the converted .pth, a project checkpoint,
+a Hub id, or `tiny-random` (a tiny random generator, the one `datagen` builds for that name: tries the
+command without weights; the pictures show no face).
 
+Each written file is printed as it is written, then one summary line `done: N seeds written to OUTDIR/`.
 Under torchrun (`torchrun --nproc_per_node=N -m tools.eg3d_samples ...`) seed i of the list goes to rank
 i mod N (each rank on its own device: CUDA device LOCAL_RANK, else CPU); the files are the ones one process
 writes at the same thread count, and rank 0 prints the summary of all ranks.
@@ -29,11 +32,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.checkpoint import load_eg3d_generator
+from pipelines.datagen import build_generator
+from pipelines.datagen_config import TINY, SourceConfig
 from utils.atomic import atomic_write_bytes
 from utils.config import parse_seeds
-from utils.distributed import all_gather_object, barrier, destroy_distributed, init_ranks, is_dist, rank_share
-from utils.errors import ThreeDPEError
+from utils.distributed import (all_gather_object, barrier, destroy_distributed, init_ranks, is_dist, print_line,
+                               rank_share)
+from utils.errors import ThreeDPEError, report_user_error
 
 
 def _camera_geometry(gen: nn.Module) -> tuple[float, tuple[float, float, float]]:
@@ -95,8 +100,11 @@ def save_seed(outdir: Path, seed: int, result: dict[str, torch.Tensor], save_ten
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command: 0 when every seed was written, 2 on a user error (one line `error: ...` on stderr)."""
     parser = argparse.ArgumentParser(prog="python -m tools.eg3d_samples", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--network", required=True, help="EG3D .pkl, converted .pth, project checkpoint directory, or a Hub id ORG/NAME[/FILE]")
+    parser.add_argument("--network", required=True,
+                        help="EG3D .pkl, converted .pth, project checkpoint directory, a Hub id ORG/NAME[/FILE], "
+                             f"or '{TINY}' (a tiny random generator: no weights needed, the pictures show no face)")
     parser.add_argument("--seeds", required=True, help="e.g. 11-12 or 0,3,5-7")
     parser.add_argument("--outdir", required=True, help="output folder")
     parser.add_argument("--trunc", type=float, default=0.7, help="truncation psi (default 0.7)")
@@ -113,10 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds = parse_seeds(args.seeds, what="--seeds")
         ranks = init_ranks(args.device)
         device = resolve_device(args.device) if ranks is None else ranks.device
-        gen = load_eg3d_generator(args.network, device)
+        gen = build_generator(SourceConfig(network=args.network), device)  # the one place `tiny-random` is read
     except (ThreeDPEError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        if ranks is not None and ranks.owns_group:
+            destroy_distributed()
+        return report_user_error(e)
     try:
         return _sample_seeds(gen, seeds, args, 0 if ranks is None else ranks.rank,
                              1 if ranks is None else ranks.world_size)
@@ -126,19 +135,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _sample_seeds(gen: nn.Module, seeds: list[int], args: argparse.Namespace, rank: int, world: int) -> int:
-    """This rank's share of `seeds` → files; rank 0 prints how many seeds all ranks wrote."""
+    """This rank's share of `seeds` → files, each path printed as written; then one summary line: rank 0's for
+    all ranks (one process: its own), or each rank's own when the ranks have no process group."""
     outdir = Path(args.outdir)
     mine = rank_share(seeds, rank, world)
     for seed in mine:
         result = sample_seed(gen, seed, args.yaws, args.pitch, args.trunc, args.trunc_cutoff)
         for p in save_seed(outdir, seed, result, args.save_tensors):
-            print(p)
+            print_line(str(p))
     done = sum(all_gather_object(len(mine)))
-    if world > 1 and is_dist() and rank == 0:
-        print(f"done: {done} seeds written to {outdir}/, {world} processes")
-    elif world > 1 and not is_dist():  # a rank without a process group (no MASTER_ADDR) speaks for itself
-        print(f"done: {done} seeds written to {outdir}/, rank {rank} of {world} alone")
-    sys.stdout.flush()
+    summary = f"done: {done} seeds written to {outdir}/"
+    if world == 1:
+        print_line(summary)
+    elif is_dist() and rank == 0:
+        print_line(f"{summary}, {world} processes")
+    elif not is_dist():  # a rank without a process group (no MASTER_ADDR) speaks for itself
+        print_line(f"{summary}, rank {rank} of {world} alone")
     barrier()
     return 0
 

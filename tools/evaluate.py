@@ -278,7 +278,8 @@ def load_results_folder(results: Path, data_dir: Path, source_caption: str = DEF
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", required=True, help="output folder of test_scripts.py (written first with --checkpoint)")
     ap.add_argument("--data-dir", default="test_imgs", help="the inputs (input/, ref/) the results were made from")
     ap.add_argument("--inference-args", default=None,

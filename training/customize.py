@@ -12,8 +12,10 @@ with the same teacher (Live3D LT) and losses; the result is `exps/<name>/final/`
 `test_scripts.py` / `PortraitEditor.from_pretrained` load.
 
 Inputs without an edit are skipped with one warning; a missing or empty folder, or no input with an edit,
-is a ConfigError naming the folder. The student takes the base's prompt encoder: with a CLIP base every
-sample's prompt is the instruction (when given) or its reference image, never an empty text.
+is a ConfigError naming the folder; a missing base checkpoint one naming `--base PATH` (override `base=PATH`).
+The student takes the base's prompt encoder: with a CLIP base every sample's prompt is the instruction (when
+given) or its reference image, never an empty text. `configs/customize_tiny.yaml` runs tiny random models on
+CPU, 2 steps of a few seconds each (smoke runs, tests).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from torch.utils.data import Dataset
 from pipelines.instruct_pix2pix import InstructPix2PixConfig
 from training.train import TrainConfig, TrainResult, main as train_main
 from utils.config import load_config
-from utils.errors import ConfigError
+from utils.errors import ConfigError, HubWeightsError, MissingWeightsError
 
 
 def _customize_train_defaults() -> TrainConfig:
@@ -152,11 +154,19 @@ def _some(names: Any, n: int = 5) -> str:
 def _adopt_base_prompt_encoder(t: TrainConfig, base: str) -> None:
     """Build the student with the base checkpoint's prompt encoder (MAE or CLIP), so its weights load.
 
-    A CLIP base brings its towers, so no separate CLIP weight file is needed.
+    A CLIP base brings its towers, so no separate CLIP weight file is needed. A missing local base is a
+    ConfigError naming `--base PATH` / `base=PATH`.
     """
     from models.checkpoint import load_checkpoint
 
-    enc_cfg = load_checkpoint(base).configs.get("encoder")
+    try:
+        enc_cfg = load_checkpoint(base).configs.get("encoder")
+    except HubWeightsError:
+        raise  # its message names the Hub id and the download command
+    except MissingWeightsError as e:
+        raise ConfigError(f"customize: the base checkpoint '{base}' does not exist; pass the trained model to start "
+                          "from with --base PATH (or the override base=PATH): 3dpe.pt (where to get it: "
+                          "docs/checkpoints.md) or a project-format folder") from e
     kind = getattr(enc_cfg, "prompt_encoder", None)
     if kind is None:
         return
@@ -180,10 +190,10 @@ def make_edits(input_dir: Path, out_dir: Path, instruction: str, editor: Any, re
 def main(cfg: CustomizeConfig, editor: Any = None) -> TrainResult:
     """Build the pairs (editing them first when an instruction is given) and fine-tune from `cfg.base`.
 
-    User errors (no --pairs, a missing or empty folder, no input with an edit) raise ConfigError; inputs
+    User errors (no --pairs, a missing or empty folder, no input with an edit, a missing base) raise ConfigError; inputs
     without an edit are skipped with one warning.
     """
-    from utils.distributed import env_info
+    from utils.distributed import env_info, print_line
 
     if not cfg.pairs:
         raise ConfigError("customize: --pairs DIR is required (DIR/input/<stem>.png + DIR/edited/<stem>.png)")
@@ -205,7 +215,7 @@ def main(cfg: CustomizeConfig, editor: Any = None) -> TrainResult:
         data = CustomPairs(input_dir, edited_dir, t.data.resolution, labels, cfg.default_focal, t.seed)
     if cfg.base:
         t.model.student_checkpoint = cfg.base
-        _adopt_base_prompt_encoder(t, cfg.base)
+        _adopt_base_prompt_encoder(t, cfg.base)  # also the first read of the base: a missing one fails here
     if cfg.instruction:
         from utils.distributed import barrier, init_distributed
 
@@ -222,8 +232,8 @@ def main(cfg: CustomizeConfig, editor: Any = None) -> TrainResult:
         data = CustomPairs(input_dir, edited_dir, t.data.resolution, labels, cfg.default_focal, t.seed,
                            instruction=cfg.instruction)
     if data.unmatched and env_info()[0] == 0:
-        print(f"warning: {len(data.unmatched)} of {len(data.unmatched) + len(data)} inputs in '{input_dir}' have no "
-              f"edit in '{edited_dir}' and are skipped: {', '.join(data.unmatched)}", file=sys.stderr)
+        print_line(f"warning: {len(data.unmatched)} of {len(data.unmatched) + len(data)} inputs in '{input_dir}' have "
+                   f"no edit in '{edited_dir}' and are skipped: {', '.join(data.unmatched)}", file=sys.stderr)
     data.card_data = {"source": str(pairs),  # for the model card (training/card.py)
                       "edits": f"InstructPix2Pix: {cfg.instruction}" if cfg.instruction else str(edited_dir)}
     if len(data) < t.data.batch_size:
@@ -233,8 +243,9 @@ def main(cfg: CustomizeConfig, editor: Any = None) -> TrainResult:
 
 def run(config_path: str | None, overrides: list[str] = (), *, pairs: str | None = None, base: str | None = None,
         instruction: str | None = None, name: str | None = None, editor: Any = None) -> TrainResult:
-    """CLI entry: `configs/customize.yaml` + overrides; the flags win over the config."""
-    from utils.distributed import destroy_distributed
+    """CLI entry: `configs/customize.yaml` + overrides; the flags win over the config. Rank 0 prints where the
+    customised model is."""
+    from utils.distributed import destroy_distributed, env_info, print_line
 
     cfg = load_config(CustomizeConfig, config_path, list(overrides))
     if pairs is not None:
@@ -246,6 +257,10 @@ def run(config_path: str | None, overrides: list[str] = (), *, pairs: str | None
     if name is not None:
         cfg.train.name = name
     try:
-        return main(cfg, editor=editor)
+        result = main(cfg, editor=editor)
     finally:
         destroy_distributed()
+    final = result.run_dir / "final"
+    if not result.stopped and env_info()[0] == 0 and final.is_dir():
+        print_line(f"customized model: {final}/ (python test_scripts.py --checkpoint {final})")
+    return result
