@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from test_bf16_full_size import node_names
 from test_training import _events, make_tiny_dataset, tiny_config
 
 
@@ -38,3 +39,34 @@ def test_bf16_training_runs_and_its_checkpoints_load(tmp_path):
         if path.name != "step_00000002":
             assert all(torch.equal(enc[k], trained[k].cpu()) for k in trained), path
         assert all(torch.isfinite(v).all() for v in enc.values() if v.is_floating_point()), path
+
+
+def test_bf16_checkpointed_rendering_gives_the_same_gradients():
+    """`model.render_chunk` under bf16 autocast: the renderer replayed in backward (activation checkpointing) runs
+    in the same dtypes as its first pass (the recomputed tensors' metadata must match), the student's render goes
+    through `FrozenDecode`, and the encoder's gradients equal those without checkpointing up to bf16 rounding."""
+    from training.setup import Student, TrainConfig, build_networks, set_trainable
+    from utils.cameras import sample_training_cameras
+
+    cfg = TrainConfig()
+    cfg.model.tiny, cfg.model.init_checkpoint = True, ""
+    torch.manual_seed(0)
+    nets = build_networks(cfg)
+    enc, ren = nets["student"], nets["renderer"].eval().requires_grad_(False)
+    params = set_trainable(enc, ["Final_encoder", "Ref_encoder"])
+    enc.eval()
+    img, ref = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    cams = torch.cat([sample_training_cameras(2, torch.Generator().manual_seed(0)) for _ in range(2)])
+    grads = []
+    for chunk in (0, 1):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tri, views = Student(enc, ren, render_chunk=chunk)(img, ref, cams, deterministic=True)
+        assert views["image"].dtype == views["image_raw"].dtype == torch.float32
+        loss = sum(v.float().square().mean() for v in views.values()) + tri.float().abs().mean()
+        if chunk == 0:
+            assert "FrozenDecodeBackward" in node_names(loss)
+        grads.append(torch.autograd.grad(loss, params))
+    for a, b in zip(*grads):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=2**-7, atol=1e-5 * float(b.abs().max()))
+

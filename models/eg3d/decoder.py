@@ -5,13 +5,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.eg3d.ops import full_precision
 from models.eg3d.stylegan2 import FullyConnectedLayer
 
-__all__ = ["OSGDecoder", "RGB_SCALE", "RGB_OFFSET"]
+__all__ = ["OSGDecoder", "RGB_SCALE", "RGB_OFFSET", "softplus_no_grad"]
 
 # rgb = sigmoid(logits) * (1 + 2*0.001) - 0.001 (EG3D's "padding" of the sigmoid range).
 RGB_SCALE = 1 + 2 * 0.001
 RGB_OFFSET = -0.001
+
+
+def softplus_no_grad(h: torch.Tensor) -> torch.Tensor:
+    """Softplus(beta=1, threshold=20) of h (any shape) for the no-gradient decode: log1p(exp(x)) up to the
+    threshold, x above it, chosen per element on the device (no host read of `h.max()`). Below the threshold this
+    is bit for bit the `exp_().log1p_()` the decode has always used (CPU `F.softplus` rounds differently in the
+    last bit); h is overwritten."""
+    above = h > 20
+    return torch.where(above, h, torch.exp(h).log1p_(), out=h)
 
 
 class OSGDecoder(nn.Module):
@@ -66,13 +76,12 @@ class OSGDecoder(nn.Module):
         """Fast path on summed plane features.
 
         plane_sum: [P, C], the SUM over the planes (the 1/n_planes of the mean is folded into the first layer).
-        Returns (sigma [P] raw, color logits [P, output_dim] before the sigmoid).
+        Returns (sigma [P] raw, color logits [P, output_dim] before the sigmoid), in plane_sum's dtype: the three
+        products run in that one dtype with autocast off (CPU autocast would lower `addmm` to bf16 but not
+        `addmv`, which then refuses the mix; the renderer keeps this decode in float32 on purpose).
         """
-        w0, b0, w1, b1 = self.layer_weights(plane_sum.dtype, n_planes)
-        h = self.hidden(plane_sum, w0, b0)  # [P, hidden]
-        if not (torch.is_grad_enabled() and h.requires_grad) and bool(h.max() <= 20):
-            # Softplus(beta=1, threshold=20) is exactly log1p(exp(x)) below the threshold; in place saves a pass.
-            h = h.exp_().log1p_()
-        else:
-            h = F.softplus(h)
-        return self.density(h, w1, b1), self.colour_logits(h, w1, b1)
+        with full_precision(plane_sum):
+            w0, b0, w1, b1 = self.layer_weights(plane_sum.dtype, n_planes)
+            h = self.hidden(plane_sum, w0, b0)  # [P, hidden]
+            h = softplus_no_grad(h) if not (torch.is_grad_enabled() and h.requires_grad) else F.softplus(h)
+            return self.density(h, w1, b1), self.colour_logits(h, w1, b1)

@@ -12,6 +12,7 @@ Filters are 2-D `[fh, fw]` (or separable 1-D `[fw]`) float32 tensors, normally `
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -30,6 +31,9 @@ __all__ = [
     "conv2d_resample",
     "frozen_conv2d",
     "leaky_relu_compact_",
+    "full_precision",
+    "autocast_dtype",
+    "at_least_float32",
 ]
 
 
@@ -354,6 +358,25 @@ def _add_bias(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x if bias is None else x + bias.to(x.dtype).reshape(1, -1, 1, 1)
 
 
+# ------------------------------------------------------------------- mixed precision (autocast)
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The lower precision autocast runs matrix products and convolutions in on x's device, None outside autocast."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or as it is when float64 (bf16/fp16 tensors are read as float32)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def full_precision(x: torch.Tensor):
+    """A context with autocast off on x's device (no-op outside autocast): the code inside runs in its tensors'
+    own dtypes, for maths whose precision matters (ray marching, the image skip path) or that casts explicitly."""
+    dev = x.device.type
+    return torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext()
+
+
 # ------------------------------------------------------------------- constant-weight layers under input gradients
 _DEPTHWISE_CHUNK_BYTES = 8 * 520 * 520 * 4  # ≈ 8 planes of 512²: well inside L2+L3 on the machines measured
 
@@ -492,14 +515,22 @@ class _FrozenConvAdjoint(torch.autograd.Function):
 
 def frozen_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
                   padding: int | Sequence[int] = 0, groups: int = 1, transposed: bool = False) -> torch.Tensor:
-    """`F.conv2d` (or `F.conv_transpose2d`) for a weight and bias that never need gradients. When `x` needs one
-    (outside autocast), the input is not kept for backward (see `_FrozenConv`); the input gradient is autograd's.
+    """`F.conv2d` (or `F.conv_transpose2d`) for a weight and bias that never need gradients. When `x` needs one,
+    the input is not kept for backward (see `_FrozenConv`); the input gradient is autograd's. Under autocast the
+    three are cast to autocast's dtype first (its rule for convolutions), so bf16 training keeps no input either.
     The values are `F.conv2d`'s bit for bit, except strided transposed convolutions, which run by phases
     (`conv_transpose2d_polyphase`: the same sums in another order, within 2e-6)."""
     s, p = list(_parse_scaling(stride)), list(_parse_scaling(padding))
     if torch.is_grad_enabled() and x.requires_grad and not weight.requires_grad \
-            and (bias is None or not bias.requires_grad) and not torch.is_autocast_enabled(x.device.type):
-        return _FrozenConv.apply(x, weight, bias, s, p, groups, transposed)
+            and (bias is None or not bias.requires_grad):
+        low = autocast_dtype(x) if x.dtype != torch.float64 else None  # autocast leaves float64 as it is
+        if low is None:
+            return _FrozenConv.apply(x, weight, bias, s, p, groups, transposed)
+        # Under autocast: cast as autocast casts a convolution's operands, then run with autocast off, so that the
+        # backward (outside autocast) pairs the low-precision gradient with a weight of the same dtype.
+        with full_precision(x):
+            return _FrozenConv.apply(x.to(low), weight.to(low), None if bias is None else bias.to(low), s, p, groups,
+                                     transposed)
     return _conv_values(x, weight, bias, s, p, groups, transposed)
 
 

@@ -24,6 +24,14 @@ depth clamp uses the min/max over every depth of the whole batch, as in the orig
 Training (the triplane needs gradients, the decoder is frozen): the lookups and the decoder run in
 `FrozenDecode` and the colour composite in `CompositeColours`, which keep only the points and the sample weights
 and recompute the rest in backward; each triplane gets its own row table.
+
+Precision: `ImportanceRenderer.forward` runs in float32 (at least) with autocast off, whatever the caller's
+autocast or the triplane's dtype (bf16 planes are read into a float32 table): the decoder's density goes
+through exp and cumulative products along 96 samples, and the bilinear weights, the depths and the
+compositing need more than bf16's 8 mantissa bits. EG3D, too, keeps its decoder in float32 when its
+super-resolution runs in fp16; and a bf16 decoder MLP (32→64→33) was no faster on a CPU with AMX (one chunk, 98k
+points: 149 ms float32, 156–188 ms bf16; the element-wise Softplus dominates, not the products). Autocast applies
+again to the super-resolution after it.
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ import torch.nn.functional as F
 
 from models.eg3d.config import RenderingConfig
 from models.eg3d.decoder import RGB_OFFSET, RGB_SCALE, OSGDecoder
+from models.eg3d.ops import at_least_float32, full_precision
 from models.eg3d.ray_marcher import interval_weights, sample_weights
 from models.eg3d.ray_sampler import sample_rays
 
@@ -165,7 +174,7 @@ class DecodeRecompute:
     def backward_inputs(self) -> dict[str, torch.Tensor]:
         """The recomputed forward with Softplus's derivative: idx, wts, w0, w1, dh_dz, col (sigmoid(logits))."""
         if self._cache is None:
-            with torch.no_grad():
+            with torch.no_grad(), full_precision(self.table):  # as in forward, also if backward runs under autocast
                 idx, wts, w0, w1, b1, z = self.hidden()
                 if bool(z.max() <= 20):  # below Softplus's threshold: log1p(e^z), derivative e^z / (1 + e^z)
                     e = z.exp_()
@@ -207,7 +216,7 @@ class FrozenDecode(torch.autograd.Function):
         table, _ = ctx.saved_tensors
         r = ctx.recompute.backward_inputs()
         ctx.recompute.release()
-        with torch.no_grad():
+        with torch.no_grad(), full_precision(table):
             col, w1 = r["col"], r["w1"]
             g_logits = (1 - col).mul_(col).mul_(g_col)                                  # sigmoid'
             g_h = torch.mm(g_logits, w1[1:]).addr_(g_sigma, w1[0]).mul_(r["dh_dz"])     # [P, H]
@@ -235,7 +244,8 @@ class CompositeColours(torch.autograd.Function):
         (v,) = ctx.saved_tensors
         r, k = v.shape
         col = ctx.recompute.backward_inputs()["col"].view(r, k, -1)
-        g_v = torch.bmm(col, g.unsqueeze(2))[..., 0] if ctx.needs_input_grad[0] else None
+        with full_precision(g):
+            g_v = torch.bmm(col, g.unsqueeze(2))[..., 0] if ctx.needs_input_grad[0] else None
         g_col = (v.unsqueeze(2) * g.unsqueeze(1)).view(r * k, -1) if ctx.needs_input_grad[1] else None
         return g_v, g_col, None
 
@@ -255,7 +265,7 @@ class ImportanceRenderer(nn.Module):
         so every bilinear corner is one contiguous row and out-of-range corners read zeros (grid_sample's
         padding_mode='zeros')."""
         n, k, c, h, w = planes.shape
-        t = F.pad(planes.reshape(n * k, c, h, w), (1, 1, 1, 1))
+        t = F.pad(at_least_float32(planes).reshape(n * k, c, h, w), (1, 1, 1, 1))
         return t.permute(0, 2, 3, 1).reshape(n * k * (h + 2) * (w + 2), c)
 
     def _decode(self, table: torch.Tensor, plane_hw: tuple[int, int], table_offset: int, decoder: OSGDecoder,
@@ -269,8 +279,7 @@ class ImportanceRenderer(nn.Module):
         decode runs through `FrozenDecode`, which keeps only `uv` for backward instead of every MLP activation.
         """
         if (RECOMPUTE_FROZEN_DECODE and torch.is_grad_enabled() and table.requires_grad
-                and table.dtype == torch.float32
-                and not torch.is_autocast_enabled(table.device.type)
+                and table.dtype in (torch.float32, torch.float64)
                 and not any(p.requires_grad for p in decoder.parameters())):
             recompute = DecodeRecompute(table, uv, decoder, plane_hw, table_offset, self.config.box_warp)
             return (*FrozenDecode.apply(table, uv, recompute), recompute)
@@ -280,9 +289,12 @@ class ImportanceRenderer(nn.Module):
         return sigma, (torch.sigmoid(logits) if grad else logits.sigmoid_()), None
 
     def run_model(self, planes: torch.Tensor, decoder: OSGDecoder, coordinates: torch.Tensor) -> dict:
-        """Reference decode at arbitrary points: planes [N, 3, C, H, W], coordinates [N, M, 3] → {'rgb', 'sigma'}."""
-        feats = sample_from_planes(self.plane_axes, planes, coordinates, box_warp=self.config.box_warp)
-        return decoder(feats)
+        """Reference decode at arbitrary points: planes [N, 3, C, H, W], coordinates [N, M, 3] → {'rgb', 'sigma'}
+        (float32, autocast off, as `forward`)."""
+        with full_precision(planes):
+            feats = sample_from_planes(self.plane_axes, at_least_float32(planes), at_least_float32(coordinates),
+                                       box_warp=self.config.box_warp)
+            return decoder(feats)
 
     # -- sampling -------------------------------------------------------------------------------------
     def _coarse_depths(self, n_rays: int, jitter: torch.Tensor | None, device, dtype) -> torch.Tensor:
@@ -374,8 +386,15 @@ class ImportanceRenderer(nn.Module):
 
         planes: [Np, 3, C, H, W] with Np == N, or Np == 1 (one triplane shared by all N cameras, not copied);
         ray_origins, ray_directions: [N, M, 3]. Returns (features [N, M, C_out] ≈[-1, 1], depth [N, M, 1],
-        weight totals [N, M, 1]).
+        weight totals [N, M, 1]), float32 (float64 inputs stay float64), autocast off (see the module's docstring).
         """
+        with full_precision(planes):
+            return self._render_rays(at_least_float32(planes), decoder, at_least_float32(ray_origins),
+                                     at_least_float32(ray_directions), deterministic, generator)
+
+    def _render_rays(self, planes: torch.Tensor, decoder: OSGDecoder, ray_origins: torch.Tensor,
+                     ray_directions: torch.Tensor, deterministic: bool, generator: torch.Generator | None):
+        """`forward`'s work, with autocast off and float32 (or float64) inputs."""
         cfg = self.config
         n, m, _ = ray_directions.shape
         n_planes = planes.shape[0]
@@ -435,7 +454,8 @@ class ImportanceRenderer(nn.Module):
             raise ValueError(f"{planes.shape[0]} triplanes for {cameras.shape[0]} cameras: "
                              "pass one triplane, or one per camera")
         cameras = cameras.to(device=planes.device, dtype=torch.float32)
-        origins, dirs = sample_rays(cameras[:, :16].view(-1, 4, 4), cameras[:, 16:25].view(-1, 3, 3), resolution)
+        with full_precision(cameras):  # bf16 directions (~2^-9 off) would miss by ~a texel
+            origins, dirs = sample_rays(cameras[:, :16].view(-1, 4, 4), cameras[:, 16:25].view(-1, 3, 3), resolution)
         feats, depth, _ = self(planes, decoder, origins, dirs, deterministic=deterministic, generator=generator)
         v = cameras.shape[0]
         feature_image = feats.permute(0, 2, 1).reshape(v, feats.shape[-1], resolution, resolution).contiguous()

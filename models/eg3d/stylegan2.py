@@ -8,8 +8,14 @@ Fast path: when a SynthesisLayer/ToRGBLayer sees one style vector shared by the 
 renderer drives its super-resolution with a learned constant), its parameters and style need no gradient and
 no noise is added, the modulated+demodulated weights are input independent (the input may need a gradient:
 training sends one through the frozen renderer). They are computed once, with the
-activation gain folded in, cached (keyed on the parameters' storage/version and the style values) and run
+activation gain folded in, cached (keyed on the parameters' and the style's storage and version counter, never on their
+values: see `_fold_key`) and run
 as a plain convolution with the bias fused, followed by one in-place activation pass.
+
+Under autocast (bf16) the feature path runs in autocast's dtype (the folded weights are cached in float32 and
+cast per call, as autocast casts a convolution's weight), while the 3-channel image of the skip architecture is
+upsampled and accumulated in float32, as EG3D does for its fp16 blocks: the output image keeps float32 steps
+instead of bf16's 2^-8 relative ones, which are as coarse as the 8-bit quantisation of the written image.
 """
 from __future__ import annotations
 
@@ -21,8 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.eg3d.ops import (ACTIVATIONS, bias_act, conv2d_resample, frozen_conv2d, leaky_relu_compact_, setup_filter,
-                            upfirdn2d, upsample2d)
+from models.eg3d.ops import (ACTIVATIONS, at_least_float32, autocast_dtype, bias_act, conv2d_resample, frozen_conv2d,
+                            full_precision, leaky_relu_compact_, setup_filter, upfirdn2d, upsample2d)
 
 __all__ = [
     "normalize_2nd_moment",
@@ -34,6 +40,7 @@ __all__ = [
     "ToRGBLayer",
     "SynthesisBlock",
     "SynthesisNetwork",
+    "clear_fold_caches",
 ]
 
 #: The folded path also serves inputs that need gradients when the layer's own parameters and style do not (a
@@ -58,11 +65,56 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _tensor_key(*tensors: torch.Tensor | None) -> tuple:
-    """Identity of parameter values: storage, version counter (bumped by in-place updates), device, dtype."""
-    return tuple(
-        (None if t is None else (t.data_ptr(), t._version, t.device, t.dtype, tuple(t.shape))) for t in tensors
-    )
+def _foldable_dtype(x: torch.Tensor) -> bool:
+    """float32 (or float64: the tests' reference evaluation), or autocast's dtype under autocast (then the
+    convolution casts the folded weights itself); not the fp16 blocks (their modulated path pre-normalises the
+    weights against overflow)."""
+    return x.dtype in (torch.float32, torch.float64) or x.dtype == autocast_dtype(x)
+
+
+def _fold_key(*tensors: torch.Tensor | None) -> tuple | None:
+    """Identity of the tensors' values read without the values themselves (no device→host sync): per tensor its
+    address, version counter, device, dtype, shape and strides; None when one is an inference tensor (it has no
+    version counter, so its in-place changes cannot be seen: nothing is cached then).
+
+    The cache rule: a hit means each tensor is the same memory, not written in place since it was cached. Every
+    in-place op through the tensor or any of its views bumps the version counter they share (`optimizer.step()`,
+    `load_state_dict`, `copy_` under `no_grad` or `inference_mode`); re-assigning `.data`, `.to()`, or a new
+    Parameter changes the address. The cache keeps the tensors alive (`_cache_entry`), so their memory cannot be
+    freed and reused by another tensor at the same address. Writes the counter does not see (through `.data`,
+    or a NumPy/DLPack view of the memory) must be followed by `clear_fold_caches(module)`.
+    """
+    key = []
+    for t in tensors:
+        if t is None:
+            key.append(None)
+        elif t.is_inference():
+            return None
+        else:
+            key.append((t.data_ptr(), t._version, t.device, t.dtype, tuple(t.shape), t.stride()))
+    return tuple(key)
+
+
+def _cache_lookup(entry: tuple | None, tensors: tuple, extra: tuple = ()) -> Any | None:
+    """The value of a `_cache_entry` if it was made from the same `tensors` (by `_fold_key`) and `extra`, else None."""
+    key = _fold_key(*tensors)
+    if key is None or entry is None or entry[0] != (key, extra):
+        return None
+    return entry[2]
+
+
+def _cache_entry(tensors: tuple, value: Any, extra: tuple = ()) -> tuple | None:
+    """(key, the tensors (kept alive so their memory is not reused), value), or None if they cannot be keyed."""
+    key = _fold_key(*tensors)
+    return None if key is None else ((key, extra), tuple(None if t is None else t.detach() for t in tensors), value)
+
+
+def clear_fold_caches(module: nn.Module) -> None:
+    """Drop the folded-weight caches of every SynthesisLayer/ToRGBLayer in `module` (after writing parameters
+    in a way their version counter does not see, e.g. through `.data`)."""
+    for m in module.modules():
+        if isinstance(m, (SynthesisLayer, ToRGBLayer)):
+            m._cache = None
 
 
 class FullyConnectedLayer(nn.Module):
@@ -352,7 +404,7 @@ class SynthesisLayer(nn.Module):
             self.register_buffer("noise_const", torch.randn([resolution, resolution]))
             self.noise_strength = nn.Parameter(torch.zeros([]))
         self.bias = nn.Parameter(torch.zeros([out_channels]))
-        self._cache: tuple | None = None
+        self._cache: tuple | None = None  # see _cache_entry
 
     def _can_fold(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str, gain: float) -> bool:
         return (
@@ -361,20 +413,20 @@ class SynthesisLayer(nn.Module):
             and (noise_mode == "none" or not self.use_noise)
             and self.activation in _HOMOGENEOUS
             and gain > 0
-            and x.dtype == torch.float32
+            and _foldable_dtype(x)
             and (FOLD_WITH_INPUT_GRAD or not _needs_grad(x))
             and not _needs_grad(w, self.weight, self.bias, self.affine.weight, self.affine.bias)
         )
 
     def _folded(self, w: torch.Tensor, gain: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(conv weight with style, demodulation and act gain folded in, folded bias, FIR kernel for up>1)."""
-        key = (_tensor_key(self.weight, self.bias, self.affine.weight, self.affine.bias, self.resample_filter),
-               float(gain))
-        c = self._cache
-        if c is not None and c[0] == key and torch.equal(c[1], w):
-            return c[2]
+        tensors = (w, self.weight, self.bias, self.affine.weight, self.affine.bias, self.resample_filter)
+        hit = _cache_lookup(self._cache, tensors, (float(gain),))
+        if hit is not None:
+            return hit
         g = self.act_gain * gain
-        styles = self.affine(w)  # [1, I]
+        with full_precision(w):  # the cache serves float32 and autocast calls alike: computed in float32
+            styles = self.affine(w)  # [1, I]
         wm = self.weight.unsqueeze(0) * styles.reshape(1, 1, -1, 1, 1)
         dcoefs = (wm.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()
         wm = (wm * dcoefs.reshape(1, -1, 1, 1, 1))[0]
@@ -388,7 +440,7 @@ class SynthesisLayer(nn.Module):
             wm = (wm * g).contiguous()
         b = (self.bias * g).contiguous()
         value = (wm, b, fir)
-        self._cache = (key, w.detach().clone(), value)
+        self._cache = _cache_entry(tensors, value, (float(gain),))
         return value
 
     def _forward_folded(self, x: torch.Tensor, w: torch.Tensor, gain: float) -> torch.Tensor:
@@ -478,21 +530,22 @@ class ToRGBLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros([out_channels]))
         self.weight_gain = 1 / np.sqrt(in_channels * (kernel_size**2))
         self.padding = kernel_size // 2
-        self._cache: tuple | None = None
+        self._cache: tuple | None = None  # see _cache_entry
 
     def _folded(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = _tensor_key(self.weight, self.bias, self.affine.weight, self.affine.bias)
-        c = self._cache
-        if c is not None and c[0] == key and torch.equal(c[1], w):
-            return c[2]
-        styles = self.affine(w) * self.weight_gain
+        tensors = (w, self.weight, self.bias, self.affine.weight, self.affine.bias)
+        hit = _cache_lookup(self._cache, tensors)
+        if hit is not None:
+            return hit
+        with full_precision(w):  # as SynthesisLayer._folded
+            styles = self.affine(w) * self.weight_gain
         wm = (self.weight.unsqueeze(0) * styles.reshape(1, 1, -1, 1, 1))[0].contiguous()
         value = (wm, self.bias.contiguous())
-        self._cache = (key, w.detach().clone(), value)
+        self._cache = _cache_entry(tensors, value)
         return value
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, fused_modconv: bool = True) -> torch.Tensor:
-        if (not self.training and w.shape[0] == 1 and x.dtype == torch.float32
+        if (not self.training and w.shape[0] == 1 and _foldable_dtype(x)
                 and (FOLD_WITH_INPUT_GRAD or not _needs_grad(x))
                 and not _needs_grad(w, self.weight, self.bias, self.affine.weight, self.affine.bias)):
             wm, b = self._folded(w)
@@ -589,7 +642,8 @@ class SynthesisBlock(nn.Module):
             x = self.conv1(x, next(w_iter), fused_modconv=fused_modconv, **layer_kwargs)
 
         if img is not None:
-            img = upsample2d(img, self.resample_filter)
+            with full_precision(img):  # the skip image stays float32 under autocast
+                img = upsample2d(at_least_float32(img), self.resample_filter)
         y = self.torgb(x, next(w_iter), fused_modconv=fused_modconv)
         y = y.to(dtype=torch.float32, memory_format=torch.contiguous_format)
         if img is None:
