@@ -6,13 +6,19 @@ import math
 import pytest
 import torch
 
+from float64 import float32_and_float64, rel_err
 from models.editing.clip_prompt import (ClipPromptConfig, ClipPromptEncoder, build_open_clip, clip_preprocess,
                                         tiny_open_clip_config)
+from rounding import F64_REL, forward_rel
 from utils.config import from_dict
 from utils.errors import MissingWeightsError
 
 TOKEN_DIM = 24
 CTX = 16
+# The tiny CLIP's embeddings in float32 vs their float64 evaluation, relative to the largest |value|
+# (tests/rounding.py): ≤ 8 products in a row (patch or token embedding, q/k/v, q·k, a·v, output projection, the
+# MLP's two layers, the head) of ≤ 192 terms (3·8·8 patch pixels); measured ≤ 3.6e-7.
+CLIP_FP32_REL = forward_rel(8, 192)  # 1.3e-5
 
 
 def _cfg(**kw) -> ClipPromptConfig:
@@ -27,6 +33,13 @@ def enc() -> ClipPromptEncoder:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return ClipPromptEncoder(_cfg())
+
+
+def _same_maths(out32: tuple, out64: tuple) -> None:
+    """Two routes to the same values: equal in float64 (F64_REL, measured ≤ 6.7e-16), and each float32 route
+    within CLIP_FP32_REL of its float64 evaluation (on any CPU, whatever kernels each route gets)."""
+    assert rel_err(out64[0], out64[1]) <= F64_REL
+    assert all(rel_err(a, b) <= CLIP_FP32_REL for a, b in zip(out32, out64))
 
 
 def _images(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
@@ -44,9 +57,8 @@ def test_image_tokens_shape_and_bias(enc):
 def test_image_features_are_ln_post_tokens(enc):
     # The class token of our features, projected by CLIP's own head, is CLIP's pooled image embedding.
     images = _images(3, size=32)
-    feats = enc.image_features(images)
-    pooled = enc.clip.encode_image(clip_preprocess(images, 32))
-    torch.testing.assert_close(feats[:, 0] @ enc.clip.visual.proj, pooled, atol=1e-5, rtol=1e-5)
+    _same_maths(*float32_and_float64(enc, lambda e: (
+        e.image_features(images)[:, 0] @ e.clip.visual.proj, e.clip.encode_image(clip_preprocess(images, 32)))))
 
 
 def test_preprocess_resizes_and_normalises():
@@ -55,6 +67,8 @@ def test_preprocess_resizes_and_normalises():
     assert y.shape == (2, 3, 32, 32)
     expected = (0.5 - torch.tensor([0.48145466, 0.4578275, 0.40821073])) / torch.tensor(
         [0.26862954, 0.26130258, 0.27577711])
+    # the constant 0.5 resized (weights summing to 1: ≤ 16 roundings), minus the mean, over std ≥ 0.26 (2 more):
+    # ≤ 18·U32·0.5 / 0.26 = 2.1e-6 a side, 4.1e-6 for both ≤ 1e-5
     torch.testing.assert_close(y[0, :, 5, 7], expected, atol=1e-5, rtol=0)
 
 
@@ -70,15 +84,14 @@ def test_text_tokens_padding_masked(enc):
         assert torch.all(torch.isneginf(bias[i, eot[i] + 1:]))
     assert eot[1] == CTX - 1  # long text truncated: EOT forced into the last slot, nothing masked
     # The EOT feature projected by CLIP's head is CLIP's pooled text embedding.
-    feats = enc.text_features(ids)
-    torch.testing.assert_close(feats[torch.arange(2), eot] @ enc.clip.text_projection, enc.clip.encode_text(ids),
-                               atol=1e-5, rtol=1e-5)
+    _same_maths(*float32_and_float64(enc, lambda e: (
+        e.text_features(ids)[torch.arange(2), eot] @ e.clip.text_projection, e.clip.encode_text(ids))))
 
 
 def test_text_tokens_do_not_depend_on_batch(enc):
-    a, _ = enc.encode_text(["a smiling face"])
-    b, _ = enc.encode_text(["a much longer instruction about a smiling face", "a smiling face"])
-    torch.testing.assert_close(a[0], b[1], atol=1e-5, rtol=1e-5)
+    _same_maths(*float32_and_float64(enc, lambda e: (
+        e.encode_text(["a smiling face"])[0][0],
+        e.encode_text(["a much longer instruction about a smiling face", "a smiling face"])[0][1])))
 
 
 def test_mixed_prompt(enc):
@@ -109,6 +122,7 @@ def test_weights_as_attention_bias(enc):
     attn = torch.softmax(q @ tokens.transpose(1, 2) / math.sqrt(TOKEN_DIM) + bias[:, None], dim=-1)
     assert torch.all(attn[..., 17 + 5:] == 0)
     img_mass = attn[..., :17].sum(-1)
+    # softmax over 22 logits then a sum of 17 probabilities: ≤ (22 + 17 + 2)·U32 ≈ 2.4e-6 ≤ assert_close's 1e-5
     torch.testing.assert_close(img_mass, torch.full_like(img_mass, 17 / (17 + 5)))
 
 

@@ -1,18 +1,27 @@
 """EG3D models on tiny configs: shapes, key lists, gradients, determinism, fast paths vs reference maths."""
 from __future__ import annotations
 
+import copy
 
 import pytest
 import torch
 
+from float64 import Float64Mode, float32_and_float64, rel_err, to_float64
 from models.eg3d.config import GeneratorConfig, RendererConfig, RenderingConfig
 from models.eg3d.generator import TriPlaneGenerator
 from models.eg3d.ray_marcher import MipRayMarcher2
 from models.eg3d.ray_sampler import sample_rays
 from models.eg3d.renderer import generate_planes, project_onto_planes, sample_pdf
 from models.eg3d.triplane_renderer import TriplaneRenderer
+from rounding import F64_REL, forward_rel
 from tests.conftest import read_key_list
 from utils.cameras import frontal_camera, original_test_cameras
+
+# A tiny render in float32 vs its float64 evaluation, relative to the largest |value| (tests/rounding.py): ~20
+# products in a row (coarse decode, marching, the sampling pdf, fine decode, marching, the super-resolution's
+# convolutions and FIR filters) of ≤ 288 terms (32 channels × 3×3). Measured ≤ 6.0e-6 (image), 3.5e-6 (raw), 4.4e-7
+# (depth): the two float32 routes compared below, 7e-6 apart at worst on some CPU, were compared with 1e-5 before.
+RENDER_FP32_REL = forward_rel(20, 288)  # 4.1e-5
 
 
 def _tiny_renderer(seed: int = 0) -> TriplaneRenderer:
@@ -56,23 +65,23 @@ def test_renderer_shapes_and_broadcast():
     r = _tiny_renderer().eval()
     cams = original_test_cameras()
     planes = _planes(1)
-    with torch.inference_mode():
-        out = r(planes, cams)
-        assert out["image"].shape == (3, 3, 64, 64)
-        assert out["image_raw"].shape == (3, 3, 16, 16)
-        assert out["image_depth"].shape == (3, 1, 16, 16)
-        assert out["feature_image"].shape == (3, 32, 16, 16)
-        d = out["image_depth"]
-        assert d.min() >= 2.25 and d.max() <= 3.3 + 1.05 / 7
-        # one triplane broadcast to 3 views == the same triplane repeated
-        # measured 0 here for both; other CPUs may pick other kernels per batch size (1e-5, ~the parity error)
-        rep = r(planes.expand(3, -1, -1, -1).contiguous(), cams)
-        for k in ("image", "image_raw", "image_depth"):
-            assert torch.allclose(out[k], rep[k], rtol=0, atol=1e-5), k
-        # batched == one by one
-        for i in range(3):
-            one = r(planes, cams[i:i + 1])
-            assert torch.allclose(out["image"][i:i + 1], one["image"], rtol=0, atol=1e-5)
+    # one triplane broadcast to 3 views == the same triplane repeated == one view at a time: the same maths by other
+    # kernels (batch sizes), so equal in float64; each float32 route within RENDER_FP32_REL of its float64 value
+    (out, rep, *ones), (out64, rep64, *ones64) = float32_and_float64(r, lambda m: (
+        m(planes, cams), m(planes.expand(3, -1, -1, -1).contiguous(), cams), *(m(planes, c[None]) for c in cams)),
+        torch.inference_mode)
+    assert out["image"].shape == (3, 3, 64, 64)
+    assert out["image_raw"].shape == (3, 3, 16, 16)
+    assert out["image_depth"].shape == (3, 1, 16, 16)
+    assert out["feature_image"].shape == (3, 32, 16, 16)
+    d = out["image_depth"]
+    assert d.min() >= 2.25 and d.max() <= 3.3 + 1.05 / 7
+    for k in ("image", "image_raw", "image_depth"):
+        assert rel_err(rep64[k], out64[k]) <= F64_REL, k  # measured 0
+        assert rel_err(out[k], out64[k]) <= RENDER_FP32_REL and rel_err(rep[k], rep64[k]) <= RENDER_FP32_REL, k
+    for i, (one, one64) in enumerate(zip(ones, ones64)):
+        assert rel_err(one64["image"], out64["image"][i:i + 1]) <= F64_REL  # measured 0
+        assert rel_err(one["image"], one64["image"]) <= RENDER_FP32_REL
     with pytest.raises(ValueError):
         r(_planes(2), cams)
     with pytest.raises(ValueError):
@@ -87,7 +96,7 @@ def _reference_render(r: TriplaneRenderer, planes: torch.Tensor, cams: torch.Ten
     n, m, _ = o.shape
     planes5 = planes.view(n, 3, 32, planes.shape[-2], planes.shape[-1])
     s = cfg.depth_resolution
-    depths = torch.linspace(cfg.ray_start, cfg.ray_end, s).reshape(1, 1, s, 1).repeat(n, m, 1, 1)
+    depths = torch.linspace(cfg.ray_start, cfg.ray_end, s, dtype=o.dtype).reshape(1, 1, s, 1).repeat(n, m, 1, 1)
     depths += torch.full_like(depths, 0.5) * ((cfg.ray_end - cfg.ray_start) / (s - 1))
 
     def run(dep):
@@ -118,34 +127,55 @@ def _reference_render(r: TriplaneRenderer, planes: torch.Tensor, cams: torch.Ten
 
 
 def test_fast_renderer_equals_reference_algorithm():
+    """The same maths by other routes (a plane table and embedding_bag vs grid_sample, in-place decode, other
+    batching): equal in float64; each route in float32 within RENDER_FP32_REL of its float64 value."""
     r = _tiny_renderer().eval()
     cams = original_test_cameras()
     planes = _planes(3)
-    with torch.no_grad():
-        out = r.render_features(planes, cams)
-        ref_feat, ref_depth = _reference_render(r, planes, cams)
-    assert torch.allclose(out["feature_image"], ref_feat, rtol=0, atol=1.2e-5)  # measured 1.25e-6
-    assert torch.allclose(out["image_depth"], ref_depth, rtol=0, atol=7e-6)  # measured 7.2e-7
+
+    def both(m: TriplaneRenderer) -> tuple[torch.Tensor, ...]:
+        c, p = cams.to(m.const.dtype), planes.to(m.const.dtype)
+        out = m.render_features(p, c)
+        return (out["feature_image"], out["image_depth"], *_reference_render(m, p, c))
+
+    (feat, depth, ref_feat, ref_depth), (feat64, depth64, ref_feat64, ref_depth64) = float32_and_float64(
+        r, both, torch.inference_mode)
+    assert rel_err(feat64, ref_feat64) <= F64_REL  # measured 2.5e-15
+    assert rel_err(depth64, ref_depth64) <= F64_REL  # measured 4.8e-16
+    for a, a64 in ((feat, feat64), (depth, depth64), (ref_feat, ref_feat64), (ref_depth, ref_depth64)):
+        assert rel_err(a, a64) <= RENDER_FP32_REL  # measured ≤ 5.1e-6
+
+
+def _cached_and_reference_sr(r: TriplaneRenderer, planes: torch.Tensor, cams: torch.Tensor) -> tuple:
+    """(image from the cached SR weights, image from the grad path: modulated_conv2d + bias_act), in the renderer's
+    dtype (float64 under `Float64Mode` for a doubled renderer)."""
+    p, c = planes.to(r.const.dtype), cams.to(r.const.dtype)
+    with torch.inference_mode():
+        fast = r(p, c)["image"]
+    ref = r(p.clone().requires_grad_(True), c)["image"].detach()
+    return fast, ref
 
 
 def test_cached_sr_equals_reference_modulated_conv():
+    """The cached weights and the grad path are the same maths by other routes (weights modulated once, or per
+    call): equal in float64; each route in float32 within RENDER_FP32_REL of its float64 value."""
     r = _tiny_renderer().eval()
     planes = _planes(1)
     cams = original_test_cameras()
+    fast, ref = _cached_and_reference_sr(r, planes, cams)
     with torch.inference_mode():
-        fast = r(planes, cams)["image"]
-        fast2 = r(planes, cams)["image"]  # from the weight cache
-    ref = r(planes.clone().requires_grad_(True), cams)["image"]  # grad path: modulated_conv2d + bias_act
-    assert torch.equal(fast, fast2)
-    assert torch.allclose(fast, ref.detach(), rtol=0, atol=7e-6)  # measured 6.3e-7
+        assert torch.equal(r(planes, cams)["image"], fast)  # from the weight cache
+    with Float64Mode():
+        fast64, ref64 = _cached_and_reference_sr(to_float64(copy.deepcopy(r)), planes, cams)
+    assert rel_err(fast64, ref64) <= F64_REL  # measured 2.9e-15
+    assert rel_err(fast, fast64) <= RENDER_FP32_REL and rel_err(ref, ref64) <= RENDER_FP32_REL  # measured ≤ 5.6e-6
     with torch.no_grad():  # the cache notices parameter updates
         r.superresolution.block1.conv1.weight.mul_(1.5)
         r.const.add_(0.1)
-    with torch.inference_mode():
-        fast3 = r(planes, cams)["image"]
-    ref3 = r(planes.clone().requires_grad_(True), cams)["image"]
+    fast3, ref3 = _cached_and_reference_sr(r, planes, cams)
     assert not torch.allclose(fast3, fast)
-    assert torch.allclose(fast3, ref3.detach(), rtol=0, atol=7e-6)  # measured 6.6e-7
+    # each within RENDER_FP32_REL of the exact value (shown above for this renderer): measured 8.3e-7 apart
+    assert rel_err(fast3, ref3) <= 2 * RENDER_FP32_REL
 
 
 def test_gradients_flow_to_planes_and_decoder():
@@ -191,7 +221,7 @@ def test_generator_tiny_forward():
     ws = g.mapping(z, c)
     assert ws.shape == (2, g.num_ws, g.w_dim)
     ws_t = g.mapping(z, c, truncation_psi=0.5)
-    assert torch.allclose(ws_t, g.backbone.mapping.w_avg.lerp(ws, 0.5), rtol=0, atol=1e-6)  # measured 0
+    assert torch.equal(ws_t, g.backbone.mapping.w_avg.lerp(ws, 0.5))  # bit-exact by construction: the same lerp
     with torch.no_grad():
         out = g.synthesis(ws, c)
         again = g(z, c)
@@ -199,7 +229,7 @@ def test_generator_tiny_forward():
     assert out["image"].shape == (2, 3, 64, 64)
     assert out["image_raw"].shape == (2, 3, 16, 16)
     assert out["image_depth"].shape == (2, 1, 16, 16)
-    assert torch.allclose(out["image"], again["image"], rtol=0, atol=1e-6)  # measured 0 (same calls)
+    assert torch.equal(out["image"], again["image"])  # bit-exact by construction: the same calls on the same ws
     # a 8² neural rendering is resized to the SR input size
     with torch.no_grad():
         small = g.synthesis(ws, c, neural_rendering_resolution=8)

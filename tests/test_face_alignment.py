@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import utils.face_alignment as fa
+from rounding import U32
 from utils.errors import NoFaceError
 from utils.face_alignment import (
     EMPIRICAL_LANDMARKS_512,
@@ -273,19 +274,27 @@ def test_estimate_yaw_pitch():
 def test_camera_labels():
     label = camera_label_for_crop()
     assert len(label) == 25 and all(isinstance(v, float) for v in label)
+    # The frontal label is float32: the camera's x and y are 2.7·cos of float32 angles within 1.6e-7 of π/2 (π/2
+    # rounded, 4.4e-8, + arccos's 1 ulp, 1.2e-7), so ≤ 4.4e-7 from 0 on any CPU (measured 1.2e-7); the rest is smaller.
     np.testing.assert_allclose(label, FRONTAL_LABEL, atol=1e-6)
     np.testing.assert_allclose(camera_label_for_crop(EMPIRICAL_LANDMARKS_512, estimate_pose=True), FRONTAL_LABEL, atol=1e-5)
-    np.testing.assert_allclose(camera_label_for_crop(_rotated_projection(0.4, 0)), FRONTAL_LABEL, atol=1e-6)
+    np.testing.assert_allclose(camera_label_for_crop(_rotated_projection(0.4, 0)), FRONTAL_LABEL, atol=1e-6)  # as above
     turned = camera_label_for_crop(_rotated_projection(0.4, 0), estimate_pose=True)
     assert turned[3] > 0.5  # camera moved to +x
     low = camera_label_for_crop(_rotated_projection(0.0, 0.5), estimate_pose=True)
     assert low[7] < -0.5  # camera moved below (world y down)
     # the camera's actual elevation matches the (calibration-corrected) estimate
     _, p = estimate_yaw_pitch(_rotated_projection(0.0, 0.5))
-    assert math.asin(-low[7] / 2.7) == pytest.approx(p, abs=1e-6)
+    # low[7] = 2.7·cos(arccos(1 − 2v/π)) in float32 (v = π/2·(1 + sin p), p = 0.667): v's rounding, the float32 π
+    # and division (2.9e-7 in 1 − 2v/π), arccos's and cos's 1 ulp and the radius' product put sin p within 6.1e-7,
+    # asin (×1/cos p = 1.27) within 7.8e-7 of p on any CPU (measured 2.5e-8)
+    assert math.asin(-low[7] / 2.7) == pytest.approx(p, abs=2e-6)
     np.testing.assert_allclose(turned[16:], FRONTAL_LABEL[16:], atol=1e-6)
     R = np.array(turned[:16]).reshape(4, 4)[:3, :3]
-    np.testing.assert_allclose(R @ R.T, np.eye(3), atol=1e-6)
+    # float32 columns: each normalised (‖c‖² within 8 roundings of 1), `right` exactly ⟂ `forward` before its
+    # normalisation (1 rounding), `up` a rounded cross product (5): ‖RᵀR − I‖_F ≤ 17 roundings, and RRᵀ − I has
+    # the same eigenvalues (measured 1.1e-7 = 1.8·U32)
+    np.testing.assert_allclose(R @ R.T, np.eye(3), atol=20 * U32)
 
 
 class _Fixed:

@@ -11,6 +11,15 @@ from models.eg3d.config import RendererConfig
 from models.eg3d.triplane_renderer import TriplaneRenderer
 from utils.cameras import sample_training_cameras
 
+# The two paths' forward values are bit-identical (asserted below: the same ops on the same inputs), so every kink
+# (the super-resolution's leaky ReLUs, the loss's abs, the depth clamp) takes the same slope in both, and their
+# gradients differ only by the rounding of the decoder's backward, by hand (FrozenDecode, CompositeColours) or by
+# autograd. Per triplane texel: sums over the colour outputs (33), the hidden layer (64) and the samples reading that
+# texel (≤ 200 here), and ~5 elementwise roundings: ≲ EPS32·(√33 + √64 + √200 + 5) = 3.9e-6 of max |g| a path
+# (tests/rounding.py's statistical bound), 7.8e-6 for their difference, on any CPU. Measured 1.5e-7 to 3.2e-7.
+# (No float64 reference: the recomputing path runs for float32 triplanes only.)
+GRAD_REL = 1e-5
+
 
 def _render(r: TriplaneRenderer, planes: torch.Tensor, cams: torch.Tensor, recompute: bool, seed: int | None):
     """Renders of `planes` (a fresh leaf) and its gradient under a loss on every output, with or without
@@ -44,7 +53,7 @@ def test_same_renders_and_gradients_as_autograd(seed, n_planes):
     ref, g_ref = _render(r, planes, cams, False, seed)
     for k in ref:
         assert torch.equal(fast[k].detach(), ref[k].detach()), k
-    assert _rel(g_fast, g_ref) <= 1e-5
+    assert _rel(g_fast, g_ref) <= GRAD_REL
 
 
 def test_softplus_above_its_threshold():
@@ -58,7 +67,7 @@ def test_softplus_above_its_threshold():
     fast, g_fast = _render(r, planes, cams, True, None)
     ref, g_ref = _render(r, planes, cams, False, None)
     assert torch.equal(fast["feature_image"].detach(), ref["feature_image"].detach())
-    assert _rel(g_fast, g_ref) <= 1e-5
+    assert _rel(g_fast, g_ref) <= GRAD_REL
 
 
 def test_trainable_decoder_keeps_plain_autograd():

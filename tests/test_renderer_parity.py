@@ -11,11 +11,17 @@ import torch
 from models.eg3d.config import RendererConfig
 from models.eg3d.triplane_renderer import TriplaneRenderer
 
-# max |ours − original| bounds, ~10× the largest measured on CPU fp32 (1 and 2 threads, single and batched):
+# max |ours − original| bounds. Both sides are float32 renders, and this one is sensitive to rounding: against our
+# float64 evaluation (tests/float64.py; same planes, cameras and weights) the fixture and our float32 render are both
+# 2.5e-4 (image_raw) and 8.1e-5 (image_depth) off. Most of it is the rounding of the ray directions (a 4-term bmm,
+# whose rounding is the BLAS kernel's): computing that product exactly moves image / image_raw / image_depth by
+# 2.2e-4 / 1.7e-4 / 7.6e-5 (views 0 and 2). Ours and the fixture agree to ~1e-5 only because the machines measured
+# round it alike. So E = the float32 error of each quantity (image: the 512² SR in float64 is too slow for a test,
+# scaled from image_raw by the ray-direction sensitivities, 2.2/1.7), two right renders are ≤ 2E apart, TOL = 4E.
 TOL = {
-    "image": 1.3e-4,  # measured 1.29e-5 (view 2)
-    "image_raw": 9e-5,  # measured 8.58e-6 (view 1)
-    "image_depth": 3.5e-5,  # measured 3.34e-6 (view 1)
+    "image": 1.3e-3,  # measured 1.29e-5 (view 2) on the fixture author's CPU, 1.24e-5 (view 0) on an AVX-512 CPU
+    "image_raw": 1e-3,  # measured 8.58e-6 (view 1); 7.7e-6
+    "image_depth": 3.3e-4,  # measured 3.34e-6 (view 1); 3.6e-6 (view 2)
 }
 KEYS = tuple(TOL)
 
