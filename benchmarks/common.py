@@ -72,6 +72,32 @@ def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5, wa
             "cpu_median_ms": round(statistics.median(cpu), 2), "runs_ms": [round(t, 2) for t in times]}
 
 
+def time_events_ms(fn: Callable[[], object], device: torch.device, repeats: int = 20, warmup: int = 3) -> dict:
+    """Median / min / all of `repeats` runs of fn() in milliseconds, after `warmup` runs.
+
+    On CUDA each run is timed by a pair of CUDA events (the GPU's own clock: no host synchronisation between
+    them), on a CPU by the wall clock.
+    """
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+    return {"median_ms": round(statistics.median(times), 3), "min_ms": round(min(times), 3),
+            "runs_ms": [round(t, 3) for t in times]}
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

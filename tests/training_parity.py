@@ -304,15 +304,15 @@ def load_parity_reference() -> dict | None:
 
 
 # ============================================================================================ our step
-def parity_config(directory: str | os.PathLike, exp_dir: str | os.PathLike) -> Any:
-    """Our TrainConfig for the recipe, with the keys that select the original's behaviour."""
+def parity_config(directory: str | os.PathLike, exp_dir: str | os.PathLike, device: str = "cpu") -> Any:
+    """Our TrainConfig for the recipe on `device`, with the keys that select the original's behaviour."""
     from training.config import TrainConfig
     from utils.config import load_config
 
     d = Path(directory)
     w = LOSS_WEIGHTS
     overrides = [
-        f"exp_dir={exp_dir}", "name=parity", "device=cpu", "seed=42", "bf16=false", "export_3dpe=false",
+        f"exp_dir={exp_dir}", "name=parity", f"device={device}", "seed=42", "bf16=false", "export_3dpe=false",
         f"model.init_checkpoint={d / 'live3d_lt.pt'}", f"model.student_checkpoint={d / 'student_3dpe.pt'}",
         "model.mae_pretrain=", "model.frozen_dropout=false", "model.render_chunk=0",
         *[f"loss.{k}={v}" for k, v in w.items()], "loss.r1_gamma=1.0", "loss.multiview=true",
@@ -337,9 +337,10 @@ class _OneBatch(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def our_training_step(directory: str | os.PathLike, exp_dir: str | os.PathLike) -> dict[str, Any]:
+def our_training_step(directory: str | os.PathLike, exp_dir: str | os.PathLike,
+                      device: str | torch.device = "cpu") -> dict[str, Any]:
     """Run one step of OUR training code (build_training, then training.train.train_step) on the recipe written
-    in `directory`. Returns {'terms': {name: float}, 'student_grads': {param: summary},
+    in `directory`, on `device` (benchmarks/gpu_check.py compares CUDA with CPU). Returns {'terms': {name: float}, 'student_grads': {param: summary},
     'discriminator_grads': {param: summary}, 'mv_camera': tensor} in the fixture's layout."""
     import contextlib
 
@@ -348,11 +349,11 @@ def our_training_step(directory: str | os.PathLike, exp_dir: str | os.PathLike) 
 
     d = Path(directory)
     batch = torch.load(d / "batch.pt", weights_only=True)
-    cfg = parity_config(d, exp_dir)
+    cfg = parity_config(d, exp_dir, str(device))
     s = build_training(cfg, train_set=_OneBatch(batch))
     lins = torch.load(d / "alex_lin.pth", weights_only=True)   # our LPIPS heads ship with `lpips`: set them
     for k in range(len(LPIPS_CHANNELS)):
-        getattr(s.loss_fn.lpips, f"lin{k}").model[1].weight.data.copy_(lins[f"lin{k}.model.1.weight"])
+        getattr(s.loss_fn.lpips, f"lin{k}").model[1].weight.data.copy_(lins[f"lin{k}.model.1.weight"].to(s.device))
     set_modes(s.encoder, list(cfg.model.trainable), cfg.model.frozen_dropout, teacher=s.teacher)
     s.D.train()
 
@@ -360,10 +361,10 @@ def our_training_step(directory: str | os.PathLike, exp_dir: str | os.PathLike) 
     names_g = {id(p): n for n, p in s.encoder.named_parameters()}
 
     def grab_g(opt, args, kwargs):
-        captured["student_grads"] = {names_g[id(p)]: summarize(p.grad) for p in s.trainable if p.grad is not None}
+        captured["student_grads"] = {names_g[id(p)]: summarize(p.grad.cpu()) for p in s.trainable if p.grad is not None}
 
     def grab_d(opt, args, kwargs):
-        captured["discriminator_grads"] = {n: summarize(p.grad) for n, p in s.D.named_parameters()
+        captured["discriminator_grads"] = {n: summarize(p.grad.cpu()) for n, p in s.D.named_parameters()
                                            if p.grad is not None}
 
     def grab_real_logits(module, args, output):  # D's first call in the step is on the real pair
@@ -371,8 +372,8 @@ def our_training_step(directory: str | os.PathLike, exp_dir: str | os.PathLike) 
 
     hooks = [s.opt_g.register_step_pre_hook(grab_g), s.opt_d.register_step_pre_hook(grab_d),
              s.D.register_forward_hook(grab_real_logits)]
-    b = {k: batch[k] for k in ("input", "target", "reference", "camera")}
-    cams = torch.cat([batch["camera"], batch["mv_camera"]])
+    b = {k: batch[k].to(s.device) for k in ("input", "target", "reference", "camera")}
+    cams = torch.cat([batch["camera"], batch["mv_camera"]]).to(s.device)
     out = train_step(s, cfg, b, cams, 0, contextlib.nullcontext, deterministic=True)
     for h in hooks:
         h.remove()
