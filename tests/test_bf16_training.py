@@ -45,18 +45,10 @@ def test_bf16_checkpointed_rendering_gives_the_same_gradients():
     """`model.render_chunk` under bf16 autocast: the renderer replayed in backward (activation checkpointing) runs
     in the same dtypes as its first pass (the recomputed tensors' metadata must match), the student's render goes
     through `FrozenDecode`, and the encoder's gradients equal those without checkpointing up to bf16 rounding."""
-    from training.setup import Student, TrainConfig, build_networks, set_trainable
-    from utils.cameras import sample_training_cameras
+    from test_training import tiny_student_problem
+    from training.setup import Student
 
-    cfg = TrainConfig()
-    cfg.model.tiny, cfg.model.init_checkpoint = True, ""
-    torch.manual_seed(0)
-    nets = build_networks(cfg)
-    enc, ren = nets["student"], nets["renderer"].eval().requires_grad_(False)
-    params = set_trainable(enc, ["Final_encoder", "Ref_encoder"])
-    enc.eval()
-    img, ref = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
-    cams = torch.cat([sample_training_cameras(2, torch.Generator().manual_seed(0)) for _ in range(2)])
+    enc, ren, params, (img, ref, cams) = tiny_student_problem()
     grads = []
     for chunk in (0, 1):
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -256,6 +256,24 @@ def test_two_process_gloo_ranks_stay_identical(tmp_path):
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
 
 
+def tiny_student_problem():
+    """A tiny student (its prompt branch and fusion trainable, eval mode) and frozen renderer built from seed 0, two
+    inputs and references, and 4 cameras (two views of each): (encoder, renderer, trainable params, (img, ref, cams))."""
+    from training.setup import TrainConfig, build_networks, set_trainable
+    from utils.cameras import sample_training_cameras
+
+    cfg = TrainConfig()
+    cfg.model.tiny, cfg.model.init_checkpoint = True, ""
+    torch.manual_seed(0)
+    nets = build_networks(cfg)
+    enc, ren = nets["student"], nets["renderer"].eval().requires_grad_(False)
+    params = set_trainable(enc, ["Final_encoder", "Ref_encoder"])
+    enc.eval()
+    img, ref = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    cams = torch.cat([sample_training_cameras(2, torch.Generator().manual_seed(0)) for _ in range(2)])
+    return enc, ren, params, (img, ref, cams)
+
+
 def test_checkpointed_rendering_gives_the_same_gradients(monkeypatch):
     """render_chunk=1 renders each view in its own activation-checkpointed call: the same gradients as the same
     chunks without checkpointing (the same ops: bit-equal) and, in float64, as one batched render (render_chunk=0;
@@ -266,19 +284,9 @@ def test_checkpointed_rendering_gives_the_same_gradients(monkeypatch):
 
     import torch.utils.checkpoint
 
-    from training.setup import Student, TrainConfig, build_networks, set_trainable
+    from training.setup import Student
 
-    cfg = TrainConfig()
-    cfg.model.tiny, cfg.model.init_checkpoint = True, ""
-    torch.manual_seed(0)
-    nets = build_networks(cfg)
-    enc, ren = nets["student"], nets["renderer"].eval().requires_grad_(False)
-    params = set_trainable(enc, ["Final_encoder", "Ref_encoder"])
-    enc.eval()
-    img, ref = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
-    from utils.cameras import sample_training_cameras
-
-    cams = torch.cat([sample_training_cameras(2, torch.Generator().manual_seed(0)) for _ in range(2)])
+    enc, ren, params, (img, ref, cams) = tiny_student_problem()
 
     def grads(enc, ren, inputs, chunk: int) -> tuple[torch.Tensor, ...]:
         tri, views = Student(enc, ren, render_chunk=chunk)(*inputs, deterministic=True)
