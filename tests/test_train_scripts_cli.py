@@ -46,6 +46,9 @@ def _one_error_line(proc: subprocess.CompletedProcess) -> str:
     (["datagen", "--config", str(DATAGEN_TINY), "edit.nope=1"], "unknown key 'nope'"),
     (["datagen", "--config", str(DATAGEN_TINY), "source.seeds=5-3"], "'5-3' runs backwards"),
     (["train", "--config", "configs/missing.yaml"], "config file 'configs/missing.yaml' not found"),
+    (["train", "--config", str(TRAIN_TINY)], "data.train_root='' holds no dataset.json: pass data.train_root=DIR"),
+    (["train", "--config", str(TRAIN_TINY), "data.train_root=no/such/dir"],
+     "data.train_root='no/such/dir' holds no dataset.json"),
 ])
 def test_config_errors_are_one_line_without_traceback(tmp_path, argv, expect):
     proc = _script(*argv, f"{'train.' if argv[0] == 'customize' else ''}"

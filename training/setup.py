@@ -181,6 +181,11 @@ def build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset | None]:
     from datasets.pairs import EditPairsDataset, split
 
     d = cfg.data
+    for key, root in (("data.train_root", d.train_root), ("data.val_root", d.val_root or None)):
+        if root is not None and not (Path(root) / "dataset.json").is_file():
+            raise ConfigError(f"{key}='{root}' holds no dataset.json: pass {key}=DIR, a folder of edit pairs "
+                              "with its dataset.json (make a tiny one with `python train_scripts.py datagen --config "
+                              "configs/datagen_tiny.yaml`; docs/data.md)")
     train = EditPairsDataset(d.train_root, manifest=d.manifest, resolution=d.resolution, seed=cfg.seed)
     if d.val_root:
         val = EditPairsDataset(d.val_root, manifest=d.manifest, resolution=d.resolution, seed=cfg.seed)
