@@ -88,9 +88,13 @@ def test_inference_call_makes_no_host_reads_and_keeps_its_outputs(kind, precisio
     images, ref = _inputs(editor)
     with SyncCounter() as cold:
         first = _infer(editor, images, ref)
+    caches = {name: m._cache for name, m in editor.renderer.named_modules() if hasattr(m, "_cache")}
+    assert caches and all(c is not None for c in caches.values()), caches  # the super-resolution folded and cached
     with SyncCounter() as warm:  # the folded super-resolution weights come from the cache now
         second = _infer(editor, images, ref)
     assert cold.ops == [] and warm.ops == [], (cold.ops, warm.ops)
+    assert all(m._cache is caches[name] for name, m in editor.renderer.named_modules() if name in caches), \
+        "the second call folded again instead of reusing the cache"
     fresh = PortraitEditor.random_init(kind=kind, tiny=True, seed=0, device="cpu", precision=precision)
     assert _same(first, second) and _same(second, _infer(fresh, images, ref))
 
