@@ -32,7 +32,6 @@ from utils.errors import BadImageError, ConfigError, MissingWeightsError, ThreeD
 DEFAULT_LOCAL_FOLDER = "pretrained_models/instruct-pix2pix"
 DEFAULT_HUB_ID = "timbrooks/instruct-pix2pix"
 DOWNLOAD_COMMAND = f"hf download {DEFAULT_HUB_ID} --local-dir {DEFAULT_LOCAL_FOLDER}"
-IP2P_URL = f"https://huggingface.co/{DEFAULT_HUB_ID} (download the whole repository, e.g. `{DOWNLOAD_COMMAND}`)"
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
