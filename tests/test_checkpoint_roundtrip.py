@@ -136,14 +136,15 @@ def test_config_json_for_files_that_record_no_architecture(run, tmp_path, capsys
 
 def test_architecture_entry_round_trips_full_size_configs():
     """Full-size configs (the released model's) survive the entry: what the original's loader ignores."""
-    from models.checkpoint.original import architecture_entry, recorded_configs
+    from models.checkpoint.original import recorded_configs
+    from models.checkpoint.project import config_header
     from models.discriminator import DiscriminatorConfig
     from models.editing.editing_encoder import EditingEncoderConfig
     from models.eg3d.config import RendererConfig
 
     for enc in (EditingEncoderConfig(), EditingEncoderConfig(prompt_encoder="clip")):
         cfgs = {"encoder": enc, "renderer": RendererConfig(), "discriminator": DiscriminatorConfig()}
-        assert recorded_configs({"threedpe_config": architecture_entry("3dpe", cfgs)}, "3dpe", "x.pt") == cfgs
+        assert recorded_configs({"threedpe_config": config_header("3dpe", cfgs)}, "3dpe", "x.pt") == cfgs
     assert recorded_configs({}, "3dpe", "x.pt") == {}  # the original release: nothing recorded
 
 

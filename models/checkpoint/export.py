@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from models.checkpoint.original import ARCHITECTURE_KEY, architecture_entry
+from models.checkpoint.original import ARCHITECTURE_KEY
+from models.checkpoint.project import config_header
 from models.checkpoint.registry import LoadedCheckpoint, config_to_dict
 from utils.atomic import atomic_torch_save
 from utils.errors import ConfigError
@@ -43,7 +44,7 @@ def export_original_3dpe(
     `encoder_optimizer` defaults to an AdamW state with no moments over the optimised parameters
     (`Final_encoder.*` then `Ref_encoder.*`, as the original builds it).
     `configs` (component → config dataclass or dict: 'encoder', 'renderer', 'discriminator') records the
-    architecture after the 7 keys, under `threedpe_config` (`original.architecture_entry`), so the file loads
+    architecture after the 7 keys, under `threedpe_config` (`project.config_header`), so the file loads
     back at any size with no extra flag; the original code reads only the keys it knows and ignores it. Every
     writer of this project passes it; without it the file is exactly the original's (and loads with the
     original's full-size architecture assumed).
@@ -64,7 +65,7 @@ def export_original_3dpe(
     }
     if configs:
         written = {"encoder", "renderer"} | ({"discriminator"} if discriminator_sd else set())
-        obj[ARCHITECTURE_KEY] = architecture_entry("3dpe", {c: v for c, v in configs.items() if c in written})
+        obj[ARCHITECTURE_KEY] = config_header("3dpe", {c: v for c, v in configs.items() if c in written})
     path = Path(path)
     atomic_torch_save(obj, path)
     return path

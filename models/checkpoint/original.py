@@ -21,18 +21,17 @@ from typing import Any
 import torch
 
 from models.checkpoint.integrity import reading
+from models.checkpoint.project import FORMAT_VERSION
 from models.checkpoint.registry import (
     LoadedCheckpoint,
     as_config,
     config_class,
-    config_to_dict,
     model_class,
     state_dict_differences,
 )
 from utils.errors import ConfigError, UnknownCheckpointFormatError
 
-ARCHITECTURE_KEY = "threedpe_config"
-ARCHITECTURE_VERSION = 1
+ARCHITECTURE_KEY = "threedpe_config"  # value: `project.config_header` (config.json without its source)
 
 
 def read_file(path: Path, kind: str) -> Any:
@@ -63,16 +62,6 @@ def read_original(obj: Mapping[str, Any], fmt: str, configs: Mapping[str, Any] |
     return _from_training_checkpoint(obj, fmt, configs, where)
 
 
-def architecture_entry(model_type: str, configs: Mapping[str, Any]) -> dict[str, Any]:
-    """The value of `ARCHITECTURE_KEY` in a 3dpe.pt this project writes: plain types only (loads with
-    `weights_only=True`), laid out like the project format's config.json.
-
-    {"format": "threedpe", "format_version": 1, "model_type": "3dpe", "config": {component: config fields}}
-    """
-    return {"format": "threedpe", "format_version": ARCHITECTURE_VERSION, "model_type": model_type,
-            "config": {comp: config_to_dict(cfg) for comp, cfg in configs.items()}}
-
-
 def recorded_configs(obj: Mapping[str, Any], model_type: str, where: str) -> dict[str, Any]:
     """component → config dataclass from the file's `ARCHITECTURE_KEY` ({} when it has none, as the original's).
 
@@ -85,9 +74,9 @@ def recorded_configs(obj: Mapping[str, Any], model_type: str, where: str) -> dic
     if not isinstance(entry, Mapping) or not isinstance(entry.get("config"), Mapping):
         raise ConfigError(f"{what} is not a dict with a 'config' dict; convert the file again or pass the "
                           "architecture (--config ARCH.json)")
-    if int(entry.get("format_version", 0)) > ARCHITECTURE_VERSION:
+    if int(entry.get("format_version", 0)) > FORMAT_VERSION:
         raise ConfigError(f"{what} has format_version {entry.get('format_version')}, newer than this code "
-                          f"({ARCHITECTURE_VERSION}); update the code")
+                          f"({FORMAT_VERSION}); update the code")
     try:
         return {comp: as_config(model_type, comp, cfg) for comp, cfg in entry["config"].items()}
     except ConfigError as e:

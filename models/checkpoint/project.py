@@ -64,6 +64,13 @@ def read_project_config(path: Path) -> dict:
     return cfg
 
 
+def config_header(model_type: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """config.json without its `source`: format, version, model type and each component's config as plain types.
+    Also the architecture a 3dpe.pt written by this project records (`original.ARCHITECTURE_KEY`)."""
+    return {"format": "threedpe", "format_version": FORMAT_VERSION, "model_type": model_type,
+            "config": {comp: config_to_dict(c) for comp, c in config.items()}}
+
+
 def save_pretrained(
     dst_dir: str | os.PathLike,
     components: Mapping[str, Mapping[str, torch.Tensor]],
@@ -96,13 +103,8 @@ def save_pretrained(
             if t.numel() > 0:
                 seen_ptrs.add(t.untyped_storage().data_ptr())
             tensors[f"{comp}.{k}"] = t
-    cfg_json = {
-        "format": "threedpe",
-        "format_version": FORMAT_VERSION,
-        "model_type": model_type,
-        "config": {comp: config_to_dict(c) for comp, c in config.items() if comp in components},
-        "source": json_safe(dict(source or {})),
-    }
+    cfg_json = {**config_header(model_type, {comp: c for comp, c in config.items() if comp in components}),
+                "source": json_safe(dict(source or {}))}
     with atomic_directory(dst) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "key_order": json.dumps(order)})
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg_json, indent=2) + "\n")
