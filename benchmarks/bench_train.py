@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py                     # CUDA when present, else CPU
     python benchmarks/bench_train.py --device cpu --steps 2 --threads 2
     python benchmarks/bench_train.py --bf16 --steps 10
+    python benchmarks/bench_train.py --device cpu --threads 2 --batch 1 --set compile=true   # torch.compile
     python benchmarks/bench_train.py --device cuda --bf16 --batch 1      # the GPU figure of issue #15
     python benchmarks/bench_train.py --device cpu --threads 2 --batch 1 --steps 3 \
         --set loss.id=0.1 loss.one_camera_per_batch=true model.frozen_dropout=true   # the work of the original's step
@@ -93,7 +94,8 @@ def main() -> None:
         peak = peak_memory_mb(device)
         acc = EventAccumulator(str(res.run_dir / "logs"), size_guidance={"scalars": 0})
         acc.Reload()
-        times = [e.value for e in acc.Scalars("time/step_seconds")][args.warmup:]
+        all_times = [e.value for e in acc.Scalars("time/step_seconds")]
+        warmup_times, times = all_times[:args.warmup], all_times[args.warmup:]
     n_train = sum(p.numel() for p in res.encoder.parameters() if p.requires_grad)
     emit({
         "benchmark": "train_step",
@@ -108,6 +110,7 @@ def main() -> None:
         "steps_measured": len(times),
         "seconds_per_step_median": round(statistics.median(times), 3),
         "seconds_per_step_all": [round(t, 3) for t in times],
+        "warmup_seconds": [round(t, 3) for t in warmup_times],  # with `--set compile=true`: the compile included
         "peak_memory_mib": peak,
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
         "lpips_backbone": "alexnet (pretrained)" if have_alexnet else "alexnet (random, same cost)",

@@ -46,7 +46,7 @@ class PortraitEditor:
 
     Every call runs in eval mode under `torch.inference_mode()`; rendering is deterministic.
     `precision='bf16'` runs encoder and renderer under bf16 autocast (opt-in speed mode);
-    `channels_last=True` converts the conv weights' memory format.
+    `channels_last=True` converts the conv weights' memory format; `compile=True` compiles them (`compile`).
     """
 
     def __init__(
@@ -59,6 +59,7 @@ class PortraitEditor:
         channels_last: bool = False,
         text_bridge: Any | None = None,
         source: str = "",
+        compile: bool = False,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -71,6 +72,9 @@ class PortraitEditor:
             self.renderer.to(memory_format=torch.channels_last)
         self.text_bridge = text_bridge
         self.source = source
+        self.compiled = False
+        if compile:
+            self.compile()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -82,6 +86,7 @@ class PortraitEditor:
         precision: str = "fp32",
         channels_last: bool = False,
         text_bridge: Any | None = None,
+        compile: bool = False,
     ) -> "PortraitEditor":
         """Load any supported checkpoint (3dpe.pt, Live3D .pt, the project format; a path or a Hub id) → editor."""
         from models.checkpoint import build_models, load_checkpoint
@@ -94,7 +99,7 @@ class PortraitEditor:
                 "3dpe.pt, a Live3D checkpoint, or a project checkpoint with both."
             )
         return cls(models["encoder"], models["renderer"], device=device, precision=precision,
-                   channels_last=channels_last, text_bridge=text_bridge, source=str(path))
+                   channels_last=channels_last, text_bridge=text_bridge, source=str(path), compile=compile)
 
     @classmethod
     def random_init(
@@ -108,6 +113,7 @@ class PortraitEditor:
         precision: str = "fp32",
         channels_last: bool = False,
         text_bridge: Any | None = None,
+        compile: bool = False,
     ) -> "PortraitEditor":
         """Random weights (full size, or `tiny` for tests): checks an install without any weight file."""
         from models.eg3d.config import RendererConfig
@@ -128,7 +134,21 @@ class PortraitEditor:
         else:
             raise ValueError(f"kind must be 'edit' or 'reconstruct', got {kind!r}")
         return cls(encoder, renderer, device=device, precision=precision, channels_last=channels_last,
-                   text_bridge=text_bridge, source="random-init" + ("-tiny" if tiny else ""))
+                   text_bridge=text_bridge, source="random-init" + ("-tiny" if tiny else ""), compile=compile)
+
+    def compile(self, mode: str | None = None, backend: str = "inductor") -> None:
+        """`torch.compile` the encoder's and the renderer's forward: one graph each (`fullgraph=True`, so a
+        graph break is an error, not a silent slow path); the prompt encoder (once per prompt) stays eager.
+
+        The first call with a new input shape compiles (CPU, full size: see docs/benchmarks.md); later calls of
+        that shape reuse the graph, and a second shape (a smaller last batch) compiles once more, with dynamic
+        shapes. Outputs equal eager's to rounding. `mode`: torch.compile's (None, "max-autotune", ...);
+        "reduce-overhead" (CUDA graphs) reuses output memory between calls, so copy a result you keep.
+        `backend`: torch.compile's ("eager" captures the graphs without generating code: checks, dry runs).
+        """
+        for module in (self.encoder, self.renderer):
+            module.compile(fullgraph=True, mode=mode, backend=backend)
+        self.compiled = True
 
     # ------------------------------------------------------------------ properties
     @property

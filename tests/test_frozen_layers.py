@@ -87,6 +87,22 @@ def test_transposed_conv_by_phases_matches_conv_transpose2d(stride, padding, ker
         assert_within(ref, *rounding, "conv_transpose2d")
 
 
+@pytest.mark.parametrize("capability, out_side, phases", [
+    ("AVX512", 512, True), ("AVX512_BF16", 256, True), ("AVX2", 256, True), ("AVX2", 512, False),
+    ("DEFAULT", 128, True)])
+def test_transposed_convs_run_by_phases_by_a_rule_of_device_and_instruction_set(monkeypatch, capability, out_side,
+                                                                                 phases):
+    """The path is a rule, not a timing: on CPU by phases except AVX2's 512² outputs (measured slower there), never
+    off the CPU (checked on the meta device, which stands in for CUDA: same rule, no GPU needed)."""
+    monkeypatch.setattr(ops, "_CPU_CAPABILITY", capability)
+    w = torch.empty(8, 4, 3, 3)
+    x = torch.empty(1, 8, out_side // 2, out_side // 2)  # as the super-resolution's: output (side + 1)²
+    assert ops._by_phases(x, w, (2, 2), (0, 0), 1) is phases
+    assert not ops._by_phases(x.to("meta"), w.to("meta"), (2, 2), (0, 0), 1)
+    assert not ops._in_chunks(torch.empty(1, 64, 520, 520, device="meta"), True)
+    assert ops._in_chunks(torch.empty(1, 64, 520, 520), True) and not ops._in_chunks(torch.empty(1, 64, 520, 520), False)
+
+
 def test_frozen_conv_in_a_double_backward():
     """R1 differentiates the input gradient again: a frozen FIR inside a trainable chain gives the same grads."""
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
-"""No device→host reads in the inference hot path (issue #24): prompt + edit + render of N views.
+"""No device→host reads in the hot paths (issue #24): the inference call (prompt + edit + render of N views) and
+a training step (teacher, student, losses, D and G updates), whose scalars are read on logging steps only.
 
 Every op that must copy a value to the host before it can return (`.item()`, `bool(t)`, `torch.equal`,
 boolean-mask indexing, `nonzero`, ...) drains a GPU's queue; the editor's inference call makes none. Counted on
@@ -10,7 +11,6 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models.eg3d.decoder import softplus_no_grad
 from models.eg3d.stylegan2 import clear_fold_caches
 from pipelines.editor import PortraitEditor
 from utils.cameras import original_test_cameras
@@ -32,15 +32,20 @@ def _has_mask(indices) -> bool:
 
 class SyncCounter(TorchDispatchMode):
     """Records the name of every dispatched aten op in `SYNC_OPS`, and boolean-mask indexing as
-    'index(mask)' (in `self.ops`, in call order)."""
+    'index(mask)' (in `self.ops`, in call order). `host_tensors`: tensors that live on the host whatever the
+    device (reading them reads host memory), e.g. the optimisers' step counters."""
 
-    def __init__(self):
+    def __init__(self, host_tensors: tuple[torch.Tensor, ...] = ()):
         super().__init__()
         self.ops: list[str] = []
+        self.host = {id(t) for t in host_tensors}
+        self.host_reads = 0  # reads of `host_tensors` (not in `ops`)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name.split("::")[-1]
-        if name in SYNC_OPS:
+        if name in SYNC_OPS and args and id(args[0]) in self.host:
+            self.host_reads += 1
+        elif name in SYNC_OPS:
             self.ops.append(name)
         elif name in MASK_INDEX_OPS and len(args) > 1 and _has_mask(args[1]):
             self.ops.append(name + "(mask)")
@@ -142,10 +147,99 @@ def test_an_inference_tensor_style_is_not_cached():
     assert not torch.equal(a, b)
 
 
-def test_softplus_without_host_read_matches_both_branches():
-    h = torch.cat([torch.linspace(-40, 40, 4001), torch.randn(5000) * 8])
+# ------------------------------------------------------------------------------------------- training
+def _step_counters(*optimizers: torch.optim.Optimizer) -> tuple[torch.Tensor, ...]:
+    """Adam's `state['step']` tensors: torch keeps them on the host unless `capturable=True`, so the `.item()`
+    the optimiser makes on each is a host read, not a wait for the device."""
+    return tuple(st["step"] for opt in optimizers for st in opt.state.values() if "step" in st)
+
+
+@pytest.mark.parametrize("overrides", [
+    ("loss.feature=0.3", "loss.id=0.1", "model.render_chunk=0", "optim.grad_clip=1.0"),  # every term, clipping
+    ("model.prompt_encoder=clip", "bf16=true"),                                          # CLIP prompts, autocast
+], ids=["mae-all-terms", "clip-bf16"])
+def test_training_step_makes_no_host_reads(tmp_path, overrides):
+    import contextlib
+
+    from tests.test_training import make_tiny_dataset, tiny_config
+    from training.setup import build_training
+    from training.train import cameras_for, to_device, train_step
+
+    data = make_tiny_dataset(tmp_path / "data", n_portraits=4)
+    cfg = tiny_config(data, tmp_path / "exps", "syncs", "gan.start_step=0", *overrides)
+    s = build_training(cfg)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.bf16 else contextlib.nullcontext
+    batches = iter(s.loader)
+    for step in range(2):  # the optimisers make their state (and its step counters) in the first step
+        batch = to_device(next(batches), s.device)
+        cams = cameras_for(batch, 2, s.cam_gen, s.device)
+        with SyncCounter(_step_counters(s.opt_g, s.opt_d)) as c:
+            out = train_step(s, cfg, batch, cams, step, autocast)
+    assert c.ops == [], c.ops
+    assert c.host_reads == len(s.opt_g.state) + len(s.opt_d.state)  # the counter sees reads: one per parameter
+    assert {"D/r1", "D/loss_fake"} <= set(out.logs) and all(v.dim() == 0 for v in out.logs.values())
+
+
+def test_logging_reads_every_scalar_in_one_transfer():
+    from utils.distributed import all_reduce_mean
+
+    scalars = {f"loss/{i}": torch.tensor(float(i)) for i in range(20)} | {"lr": 0.5}
     with SyncCounter() as c:
-        got = softplus_no_grad(h.clone())
-    assert c.ops == []
-    below = h <= 20
-    assert torch.equal(got[below], h[below].exp().log1p()) and torch.equal(got[~below], h[~below])
+        means = all_reduce_mean(scalars, torch.device("cpu"))
+    assert c.ops == [] and means == {**{f"loss/{i}": float(i) for i in range(20)}, "lr": 0.5}
+    with SyncCounter() as per_item:  # what reading them one by one costs
+        [v.item() for v in scalars.values() if torch.is_tensor(v)]
+    assert per_item.ops == ["_local_scalar_dense"] * 20
+
+
+# ------------------------------------------------------------------------------------------- placement
+class HostTensorsMade(TorchDispatchMode):
+    """Records every op that returns a CPU tensor with elements (a 0-dim CPU scalar is a kernel argument, not a
+    copy), with the project frame that made it."""
+
+    def __init__(self):
+        super().__init__()
+        self.made: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor) and o.device.type == "cpu" and o.dim() > 0:
+                import traceback
+
+                where = [f for f in traceback.extract_stack() if "/tests/" not in f.filename and "torch" not in f.filename]
+                self.made.append(f"{func._schema.name} at {where[-1].filename}:{where[-1].lineno}" if where else func._schema.name)
+        return out
+
+
+@pytest.mark.parametrize("kind", ["edit", "reconstruct"])
+def test_inference_creates_no_host_tensor_when_the_device_is_cuda(kind):
+    """Modules and inputs on "cuda" as fake tensors (no GPU needed): the prompt, edit and render make every
+    tensor on the device; a tensor made on the host would be copied over (a pageable host→device copy waits for
+    the device) or fail with a device mismatch."""
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    editor = PortraitEditor.random_init(kind=kind, tiny=True, seed=0, device="cpu")
+    cams = original_test_cameras()
+    with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fold cache reads a fake tensor's (meaningless) address
+        encoder, renderer = editor.encoder.to("cuda"), editor.renderer.to("cuda")
+        r = editor.input_resolution
+        image, ref, cams = torch.rand(1, 3, r, r, device="cuda"), torch.rand(1, 3, r, r, device="cuda"), cams.to("cuda")
+        with torch.inference_mode(), HostTensorsMade() as made:
+            planes = encoder(image, *encoder.encode_prompt(reference=ref)) if kind == "edit" else encoder(image)
+            views = renderer(planes, cams, deterministic=True)
+    assert planes.device.type == "cuda" and views["image"].device.type == "cuda"
+    assert made.made == [], made.made
+
+
+def test_the_placement_check_sees_a_host_tensor():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.rand(4, 3, device="cuda")
+        with HostTensorsMade() as made:
+            x[:, [0, 2, 1]]  # an index list becomes a host tensor first
+    assert made.made

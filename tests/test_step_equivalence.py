@@ -134,7 +134,7 @@ def _run(tmp: Path, fast: bool, float64: bool, trace: bool = False) -> dict:
     finally:
         stylegan2.FOLD_WITH_INPUT_GRAD, stylegan2.FOLD_CONV_GAIN, renderer.RECOMPUTE_FROZEN_DECODE = saved
     return {"loss": float(loss.detach()), "terms": {k: float(v.detach()) for k, v in terms.items()},
-            "logs": dict(logs), "grads": got, "calls": calls, "ops": tracer.ops if trace else None,
+            "logs": {k: float(v) for k, v in logs.items()}, "grads": got, "calls": calls, "ops": tracer.ops if trace else None,
             "r1_gamma": cfg.loss.r1_gamma}
 
 

@@ -169,7 +169,7 @@ def test_stop_on_signal_sets_a_flag_ignores_copies_and_quits_on_a_second_signal(
     with interrupt.StopOnSignal(announce=False) as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGINT)  # a copy within REPEAT_SECONDS (torchrun forwarding): ignored
-        assert stop.signum == signal.SIGTERM and stop.agreed(torch.device("cpu")) == signal.SIGTERM
+        assert stop.signum == signal.SIGTERM and stop.agreed() == signal.SIGTERM
         monkeypatch.setattr(interrupt, "REPEAT_SECONDS", 0.0)
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
@@ -199,7 +199,7 @@ def test_progress_lines_when_stderr_is_not_a_terminal():
     stream = io.StringIO()
     p = Progress(total=7, start=2, desc="x", every=2, stream=stream)
     for step in range(3, 8):
-        p.update(step, 0, torch.tensor(0.5))
+        p.update(step, 0, 0.5 if p.due(step) else None)
     p.close()
     steps = [ln.split()[2] for ln in stream.getvalue().splitlines()]
     assert steps == ["3/7", "4/7", "6/7", "7/7"]  # the first, every 2nd, the last

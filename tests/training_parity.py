@@ -377,12 +377,12 @@ def our_training_step(directory: str | os.PathLike, exp_dir: str | os.PathLike,
     out = train_step(s, cfg, b, cams, 0, contextlib.nullcontext, deterministic=True)
     for h in hooks:
         h.remove()
-    terms = {k: float(v) for k, v in out.terms.items()}
+    terms = {k: float(v.detach()) for k, v in out.terms.items()}
     terms["total"] = float(out.loss)
     gamma = cfg.loss.r1_gamma
     terms["D_gt"] = float(torch.nn.functional.softplus(-captured.pop("real_logits")).mean())
-    terms["D_r1"] = gamma / 2 * out.logs["D/r1"]
-    terms["D_gen"] = out.logs["D/loss_fake"]
+    terms["D_r1"] = gamma / 2 * float(out.logs["D/r1"])
+    terms["D_gen"] = float(out.logs["D/loss_fake"])
     return {"terms": terms, **captured, "mv_camera": batch["mv_camera"]}
 
 

@@ -1,7 +1,7 @@
 """The command-line options every editing tool shares, declared once, and the editor they describe.
 
     p = argparse.ArgumentParser(...)
-    add_editor_arguments(p)          # --checkpoint --device --precision --channels-last --seed --random-init
+    add_editor_arguments(p)          # --checkpoint --device --precision --channels-last --compile --seed --random-init
                                      # --random-init-kind --prompt-encoder --tiny, and the --ip2p-* bridge group
     args = p.parse_args(argv)
     try:
@@ -42,7 +42,7 @@ class CheckpointNotFoundError(MissingWeightsError):
 
 #: every option `add_editor_arguments` declares (tests check that each tool has all of them)
 EDITOR_FLAGS = (
-    "--checkpoint", "--device", "--precision", "--channels-last", "--seed", "--random-init", "--random-init-kind",
+    "--checkpoint", "--device", "--precision", "--channels-last", "--compile", "--seed", "--random-init", "--random-init-kind",
     "--prompt-encoder", "--tiny", "--ip2p-model", "--ip2p-steps", "--ip2p-guidance", "--ip2p-image-guidance",
 )
 
@@ -62,6 +62,9 @@ def add_editor_arguments(
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: opt-in speed mode")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format for the conv weights")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoder and renderer: the first call of each input size compiles "
+                        "(minutes on a CPU), later ones run faster; pays off over many images (docs/benchmarks.md)")
     p.add_argument("--seed", type=int, default=0, help="seed for anything random (InstructPix2Pix, random init)")
     p.add_argument("--random-init", action="store_true",
                    help="random weights: checks the install without any weight file (the views come out as one "
@@ -138,10 +141,10 @@ def editor_from_args(args: argparse.Namespace, needs_text: bool, warn_random_ini
         editor = PortraitEditor.random_init(kind=args.random_init_kind, tiny=args.tiny, seed=args.seed,
                                             prompt_encoder=args.prompt_encoder, device=device,
                                             precision=args.precision, channels_last=args.channels_last,
-                                            text_bridge=bridge)
+                                            text_bridge=bridge, compile=args.compile)
         if warn_random_init:
             print(RANDOM_INIT_WARNING, file=sys.stderr)
         return editor
     check_checkpoint_arg(args)  # a Hub id is checked by from_pretrained
     return PortraitEditor.from_pretrained(args.checkpoint, device=device, precision=args.precision,
-                                          channels_last=args.channels_last, text_bridge=bridge)
+                                          channels_last=args.channels_last, text_bridge=bridge, compile=args.compile)

@@ -88,6 +88,7 @@ class TrainConfig:
     max_steps: int = 0                          # 0 = run `epochs` epochs
     device: str = ""                            # '' = CUDA (LOCAL_RANK) when present, else CPU
     bf16: bool = False                          # bf16 autocast for encoders and renderer
+    compile: bool = False                       # torch.compile teacher, student, renderer and D (docs/training.md)
     keep_freed_memory: bool = True              # CPU + glibc: reuse freed memory (utils.device.keep_freed_cpu_memory)
     resume: str = ""                            # '' fresh | 'auto' newest checkpoint of this run | a checkpoint dir
     export_3dpe: bool = True                    # also write the original 3dpe.pt layout at the end

@@ -36,10 +36,17 @@ def start_lines(run_dir: Path, resume_dir: Path | None, step: int, total: int, s
     return lines
 
 
+def is_logging_step(step: int, start: int, total: int, every: int) -> bool:
+    """The steps whose values are read from the device, logged and shown: every `every` steps, the run's first
+    (`start` + 1, also after a resume) and its last (`total`)."""
+    return step % max(int(every), 1) == 0 or step == start + 1 or step == total
+
+
 class Progress:
     """Steps `start` → `total` on `stream`: a tqdm bar when it is a terminal, else a line every `every` steps.
 
-    `update` takes the step's loss as a tensor: the bar reads it every step, the lines only when they print.
+    `update` takes the loss read on the logging steps (`due`: every `every` steps, the run's first and its
+    last) and None on the others, so the step's loss never has to be read from the device just for the bar.
     """
 
     def __init__(self, total: int, start: int, desc: str, every: int, stream: TextIO | None = None):
@@ -52,17 +59,23 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, file=self.stream)
 
-    def update(self, step: int, epoch: int, loss: torch.Tensor) -> None:
+    def due(self, step: int) -> bool:
+        """Whether `step` is a logging step (`is_logging_step`): the steps whose line is printed."""
+        return is_logging_step(step, self.start, self.total, self.every)
+
+    def update(self, step: int, epoch: int, loss: float | None) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch, refresh=False)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch, refresh=False)
             self.bar.update(1)
             return
-        if step % self.every and step != self.start + 1 and step != self.total:
+        if not self.due(step):
             return
         per_step = (time.perf_counter() - self.t0) / (step - self.start)
         eta = timedelta(seconds=round(per_step * (self.total - step)))
-        print_line(f"[train] step {step}/{self.total} (epoch {epoch}) loss {loss.item():.4f}, "
-                   f"{per_step:.2f} s/step, eta {eta}", file=self.stream)
+        shown = "" if loss is None else f" loss {loss:.4f},"
+        print_line(f"[train] step {step}/{self.total} (epoch {epoch}){shown} {per_step:.2f} s/step, eta {eta}",
+                   file=self.stream)
 
     def close(self) -> None:
         if self.bar is not None:

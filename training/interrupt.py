@@ -3,7 +3,7 @@
     with StopOnSignal(announce=info.is_main) as stop:
         for batch in loader:
             ...                                   # one step
-            signum = stop.agreed(device)          # every rank, every step: the same answer on all ranks
+            signum = stop.agreed()                # every rank, every step: the same answer on all ranks
             if signum: save the checkpoint of this step (every rank), then leave the loop
     exit code 128 + signum (130 for Ctrl-C, 143 for SIGTERM)
 
@@ -78,9 +78,10 @@ class StopOnSignal:
         if now - self._first_at >= REPEAT_SECONDS:
             raise KeyboardInterrupt
 
-    def agreed(self, device: torch.device) -> int:
-        """The signal any rank received so far (0: none); call on every rank at the same point of each step."""
-        return du.max_over_ranks(self.signum, device)
+    def agreed(self) -> int:
+        """The signal any rank received so far (0: none); call on every rank at the same point of each step.
+        A host-side all-reduce (`du.max_over_ranks`): it never waits for the GPU."""
+        return du.max_over_ranks(self.signum)
 
 
 def resume_command(config_path: str | None, overrides: Sequence[str]) -> str:

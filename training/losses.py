@@ -193,11 +193,13 @@ def d_real_loss_r1(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Non-saturating real loss + R1 on both real inputs (image and reference), as in 3DPE.
 
-    Returns (loss = mean(softplus(−D(real)) + γ/2·‖∇‖²), r1 penalty mean, logits N×1).
+    Returns (loss = mean(softplus(−D(real)) + γ/2·‖∇‖²), r1 penalty mean, logits N×1). A compiled D runs
+    eager here when R1 is on: R1's backward differentiates D's backward, which compiled graphs cannot.
     """
     image = image.detach().requires_grad_(r1_gamma > 0)
     reference = reference.detach().requires_grad_(r1_gamma > 0)
-    logits = D(image, reference, camera)
+    with torch.compiler.set_stance("force_eager") if r1_gamma > 0 else contextlib.nullcontext():
+        logits = D(image, reference, camera)
     loss = F.softplus(-logits).mean()
     if r1_gamma > 0:
         g_img, g_ref = torch.autograd.grad(logits.sum(), [image, reference], create_graph=True, only_inputs=True)
@@ -238,9 +240,10 @@ def d_real_step(D_ddp: nn.Module, opt_d: torch.optim.Optimizer, real: torch.Tens
 
 def d_fake_step(D_ddp: nn.Module, opt_d: torch.optim.Optimizer, real_side: dict[str, torch.Tensor],
                 fake: torch.Tensor, reference: torch.Tensor, camera: torch.Tensor, grad_clip: float = 0.0,
-                stage: Stage = no_stage) -> dict[str, float]:
+                stage: Stage = no_stage) -> dict[str, torch.Tensor]:
     """The second half: fake forward and backward (gradients add to the real side's), clipping, D's step; leaves
-    D frozen (requires_grad off). Returns the `D/…` scalars for logging."""
+    D frozen (requires_grad off). Returns the `D/…` scalars for logging, as 0-dim tensors on the device (read
+    on logging steps only: reading them every step would make the host wait for the device)."""
     D = D_ddp.module if isinstance(D_ddp, nn.parallel.DistributedDataParallel) else D_ddp
     with stage("D/fake_forward"):
         loss_fake, logits_fake = d_fake_loss(D_ddp, fake, reference, camera)
@@ -251,35 +254,35 @@ def d_fake_step(D_ddp: nn.Module, opt_d: torch.optim.Optimizer, real_side: dict[
             torch.nn.utils.clip_grad_norm_(D.parameters(), grad_clip)
         opt_d.step()
     D.requires_grad_(False)
-    return {"D/loss_real": real_side["loss_real"].item(), "D/loss_fake": loss_fake.item(),
-            "D/r1": real_side["r1"].item(), "D/logits_real": float(real_side["logits_real"].mean()),
-            "D/logits_fake": float(logits_fake.mean())}
+    return {"D/loss_real": real_side["loss_real"], "D/loss_fake": loss_fake.detach(), "D/r1": real_side["r1"],
+            "D/logits_real": real_side["logits_real"].mean(), "D/logits_fake": logits_fake.mean()}
 
 
 def discriminator_step(D_ddp: nn.Module, opt_d: torch.optim.Optimizer, real: torch.Tensor, fake: torch.Tensor,
                        reference: torch.Tensor, camera: torch.Tensor, r1_gamma: float,
-                       grad_clip: float = 0.0, stage: Stage = no_stage) -> dict[str, float]:
+                       grad_clip: float = 0.0, stage: Stage = no_stage) -> dict[str, torch.Tensor]:
     """One D update: real (+R1 on image and reference), then fake, each forward followed by its backward
     (`d_real_step` then `d_fake_step`).
 
     `D_ddp` is the discriminator or its DDP wrapper; real, fake, reference N×3×R² at D's resolution, camera
     N×25. D trains only inside this step: it leaves D frozen (requires_grad off), so a following
-    `g_adv_loss` sends gradients into the fake image only. Returns the `D/…` scalars for logging.
+    `g_adv_loss` sends gradients into the fake image only. Returns the `D/…` scalars for logging (0-dim tensors).
     """
     real_side = d_real_step(D_ddp, opt_d, real, reference, camera, r1_gamma, stage)
     return d_fake_step(D_ddp, opt_d, real_side, fake, reference, camera, grad_clip, stage)
 
 
 def generator_step(loss: torch.Tensor, opt_g: torch.optim.Optimizer, params: list[nn.Parameter],
-                   grad_clip: float = 0.0, stage: Stage = no_stage) -> dict[str, float]:
+                   grad_clip: float = 0.0, stage: Stage = no_stage) -> dict[str, torch.Tensor]:
     """One student update from its total loss (distillation + weighted GAN term): backward, optional clipping of
-    `params` (the optimiser's parameters) to `grad_clip`, step. Returns {'grad_norm/student'} when clipping."""
+    `params` (the optimiser's parameters) to `grad_clip`, step. Returns {'grad_norm/student'} (a 0-dim tensor)
+    when clipping."""
     opt_g.zero_grad(set_to_none=True)
     with stage("G/backward"):
         loss.backward()
-    logs: dict[str, float] = {}
+    logs: dict[str, torch.Tensor] = {}
     with stage("G/optimizer"):
         if grad_clip > 0:
-            logs["grad_norm/student"] = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+            logs["grad_norm/student"] = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt_g.step()
     return logs

@@ -81,12 +81,9 @@ class Student(nn.Module):
         stay in the graph (DDP needs no unused-parameter search).
         """
         tokens, bias = self.encoder.encode_prompt(reference=reference, text=list(texts))
-        n_img = self.encoder.prompt_encoder.num_image_tokens
-        mask = torch.zeros_like(bias)
-        t = use_text.to(bias.device, torch.bool)
-        mask[t, :n_img] = float("-inf")
-        mask[~t, n_img:] = float("-inf")
-        return tokens, bias + mask
+        is_image = torch.arange(bias.shape[1], device=bias.device) < self.encoder.prompt_encoder.num_image_tokens
+        unused = is_image[None, :] == use_text.to(bias.device, torch.bool)[:, None]  # N×T, no boolean indexing
+        return tokens, bias.masked_fill(unused, float("-inf"))
 
 
 def build_networks(cfg: TrainConfig) -> dict[str, Any]:
@@ -329,6 +326,16 @@ def agreed_resume_target(cfg: TrainConfig, ckpt_root: Path, restarts: int = 0) -
                       f"folder {ckpt_root.parent} at the same path (a shared filesystem)")
 
 
+def compile_networks(*modules: nn.Module, backend: str = "inductor") -> None:
+    """`torch.compile` each module's forward in place, one graph each (`fullgraph=True`: a graph break is an
+    error, not a silent slow path); parameters and state dicts keep their names. Inside the compiled graphs the
+    memory-saving autograd Functions of the eager step (FrozenDecode, the compact leaky ReLU) give way to plain
+    autograd ops, whose saved tensors the compiler plans itself; the values are the same. The R1 pass stays eager
+    (`training.losses.d_real_loss_r1`): compiled graphs have no double backward."""
+    for module in modules:
+        module.compile(fullgraph=True, backend=backend)
+
+
 def build_training(cfg: TrainConfig, train_set: Dataset | None = None,
                    val_set: Dataset | None = None) -> TrainingSetup:
     """Build (or resume) everything; `train_set`/`val_set` replace the config's data (customize uses this)."""
@@ -364,6 +371,8 @@ def build_training(cfg: TrainConfig, train_set: Dataset | None = None,
         encoder.load_state_dict(snapshot.components["encoder"], strict=True)
         renderer.load_state_dict(snapshot.components["renderer"], strict=True)
     du.seed_everything(cfg.seed, info.rank)
+    if cfg.compile:  # with the weights in place, before DDP wraps them
+        compile_networks(teacher, student, renderer, D)
 
     # No buffer broadcast per forward; gradients in their parameters' layout (du.wrap_ddp says why).
     student_ddp = du.wrap_ddp(student, device, cfg.model.find_unused_parameters) if info.distributed else student

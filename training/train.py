@@ -173,11 +173,12 @@ def validate(s: TrainingSetup, cfg: TrainConfig, step: int, writer: Any, autocas
 @dataclass
 class StepOutput:
     """One training step's results: the weighted total (student side), its unweighted terms, the D step's
-    scalars (+ 'grad_norm/student' when clipping), and the student's and teacher's renders (V·N-batched)."""
+    scalars (+ 'grad_norm/student' when clipping), and the student's and teacher's renders (V·N-batched).
+    Scalars are 0-dim tensors on the device: the step reads nothing back (the loop does, on logging steps)."""
 
     loss: torch.Tensor
     terms: dict[str, torch.Tensor]
-    logs: dict[str, float]
+    logs: dict[str, torch.Tensor]
     s_views: dict[str, torch.Tensor]
     t_views: dict[str, torch.Tensor]
 
@@ -212,7 +213,7 @@ def train_step(s: TrainingSetup, cfg: TrainConfig, batch: dict[str, Any], cams: 
         s_tri, s_views = s.student_ddp(batch["input"], batch["reference"], cams, deterministic=deterministic,
                                        **prompt_kw)
     loss, terms = s.loss_fn(s_tri, t_tri, s_views, t_views, n, stage)
-    logs: dict[str, float] = {}
+    logs: dict[str, torch.Tensor] = {}
     if gan:
         fake = s_views["image"][:n].float()
         logs.update(d_fake_step(s.D_ddp, s.opt_d, real_side, fake, ref, batch["camera"], cfg.optim.grad_clip, stage))
@@ -285,13 +286,16 @@ def main(cfg: TrainConfig, train_set: Dataset | None = None, val_set: Dataset | 
             loss, terms, logs, s_views, t_views = out.loss, out.terms, out.logs, out.s_views, out.t_views
             step += 1
             position += 1
-            signum = stop.agreed(device)  # every rank: a signal that reached any rank stops all after this step
+            signum = stop.agreed()  # every rank: a signal that reached any rank stops all after this step
 
-            # ---- logging (every rank joins the reductions)
-            if step % cfg.log.log_interval == 0 or step == 1:
-                scalars = {f"loss/{k}": v.item() for k, v in {"total": loss, **terms}.items()}
+            # ---- logging (every rank joins the reductions): the only steps that read values from the device,
+            # all scalars in one transfer; the other steps queue work without waiting for it
+            logged = None
+            if console.is_logging_step(step, s.step, s.total_steps, cfg.log.log_interval):
+                scalars = {f"loss/{k}": v for k, v in {"total": loss, **terms}.items()}
                 scalars.update(logs)
                 scalars = du.all_reduce_mean(scalars, device)
+                logged = scalars["loss/total"]
                 if writer is not None:
                     for k, v in scalars.items():
                         writer.add_scalar(k, v, step)
@@ -303,7 +307,7 @@ def main(cfg: TrainConfig, train_set: Dataset | None = None, val_set: Dataset | 
                 writer.add_image("train/grid", sample_grid(batch, s_views, t_views, n, views, cfg.log.image_size),
                                  step)
             if progress is not None:
-                progress.update(step, epoch, loss)
+                progress.update(step, epoch, logged)
             if step % cfg.log.val_interval == 0:
                 validate(s, cfg, step, writer, autocast)
 

@@ -103,8 +103,10 @@ def init_distributed(device: str | torch.device | None = None, *, mode: str = "o
 
 def destroy_distributed() -> None:
     """Tear the process group down (no-op without one)."""
+    global _host_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _host_group = None
 
 
 def is_dist() -> bool:
@@ -137,27 +139,43 @@ def seed_everything(seed: int, rank: int = 0) -> int:
 
 
 def all_reduce_mean(values: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
-    """Average a dict of scalars over ranks (every rank must call it with the same keys, same order)."""
+    """Average a dict of scalars (floats or 0-dim tensors, on any device) over ranks (every rank must call it with
+    the same keys, same order). The values travel as one float64 tensor and come back to the host in one copy:
+    one device→host transfer however many scalars (a `.item()` each would wait for the device once each)."""
     if not values:
         return {}
     keys = list(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    t = torch.stack([torch.as_tensor(values[k]).detach().to(device, torch.float64).reshape(()) for k in keys])
     if is_dist():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t /= get_world_size()
-    return {k: float(v) for k, v in zip(keys, t.tolist())}
+    return dict(zip(keys, t.cpu().tolist()))
 
 
-def max_over_ranks(value: int, device: torch.device) -> int:
+_host_group: Any = None
+
+
+def host_group() -> Any:
+    """A process group whose collectives run on host (CPU) tensors: the default group under gloo, otherwise a gloo
+    group beside NCCL, made on first use (every rank must make that first call at the same point)."""
+    global _host_group
+    if dist.get_backend() == "gloo":
+        return None  # the default group
+    if _host_group is None:
+        _host_group = dist.new_group(backend="gloo")
+    return _host_group
+
+
+def max_over_ranks(value: int) -> int:
     """The largest `value` of all ranks (call on every rank; `value` itself in a single process).
 
     E.g. a stop request (a signal number, 0 = none) that reached only some ranks becomes every rank's:
-    one all-reduce of one integer.
+    one all-reduce of one integer, on the host (`host_group`), so it never waits for a GPU's queue.
     """
     if not is_dist():
         return int(value)
-    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([int(value)], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group())
     return int(t.item())
 
 

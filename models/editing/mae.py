@@ -143,6 +143,11 @@ class MAEViT(nn.Module):
         self.blocks = nn.ModuleList(
             [ViTBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.eps) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.eps)
+        # On the module's device, so preprocessing copies nothing from the host (float64: cast per input's dtype).
+        self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("image_std", torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1),
+                             persistent=False)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -181,9 +186,7 @@ class MAEViT(nn.Module):
         size = self.config.img_size
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=False)
-        mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return (x - self.image_mean.to(x.dtype)) / self.image_std.to(x.dtype)
 
     def encode_image(self, reference: torch.Tensor) -> torch.Tensor:
         """reference N×3×H×W in [-1,1] (square; 512² in the original) → tokens N×(1+grid²)×C."""

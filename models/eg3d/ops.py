@@ -444,19 +444,46 @@ def conv_transpose2d_polyphase(x: torch.Tensor, weight: torch.Tensor, bias: torc
     return out
 
 
+#: Output pixels from which AVX2 oneDNN's transposed kernel beats the phases (docs/benchmarks.md, "CPU paths").
+_PHASES_AVX2_MAX_OUTPUT = 512 * 512
+#: The instruction set ATen's CPU kernels use here ("AVX512", "AVX2", ...; ATEN_CPU_CAPABILITY can lower it).
+_CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
+
+
+def _by_phases(x: torch.Tensor, weight: torch.Tensor, stride, padding, groups: int) -> bool:
+    """Whether a strided transposed convolution runs by phases (`conv_transpose2d_polyphase`): a rule by device and
+    instruction set, the same every run on a given machine (the two paths differ in the last bits, so a timed choice
+    would make the outputs depend on the moment). On CUDA never (cuDNN's own kernel). On CPU, measured on the
+    super-resolution's shapes: AVX-512 oneDNN, faster by phases at every shape (the 512² up-convolution 506 → 432
+    ms); AVX2 oneDNN, faster up to 256² outputs (2× for 32 → 256 channels at 128²), slower at 512² (0.69 → 0.83 s).
+    Read once at import (`_CPU_CAPABILITY`): a compiled graph sees a constant."""
+    if x.device.type != "cpu" or groups != 1 or max(stride) < 2 or weight.shape[2] < stride[0] \
+            or weight.shape[3] < stride[1]:
+        return False
+    if _CPU_CAPABILITY.startswith("AVX512"):
+        return True
+    oh = (x.shape[2] - 1) * stride[0] + weight.shape[2] - 2 * padding[0]
+    ow = (x.shape[3] - 1) * stride[1] + weight.shape[3] - 2 * padding[1]
+    return oh * ow < _PHASES_AVX2_MAX_OUTPUT
+
+
+def _in_chunks(x: torch.Tensor, depthwise: bool) -> bool:
+    """Whether a depthwise convolution runs a few channels at a time: on CPU (a cache effect of oneDNN's NCHW
+    depthwise kernel), once its input is larger than `_DEPTHWISE_CHUNK_BYTES`."""
+    return depthwise and x.device.type == "cpu" and x.numel() * x.element_size() > _DEPTHWISE_CHUNK_BYTES
+
+
 def _conv_values(x, weight, bias, stride, padding, groups, transposed):
-    """conv2d / conv_transpose2d (dilation 1, no output padding); strided transposed ones by phases
-    (`conv_transpose2d_polyphase`), depthwise ones in channel chunks."""
-    if transposed and groups == 1 and max(stride) > 1 and weight.shape[2] >= stride[0] \
-            and weight.shape[3] >= stride[1]:
+    """conv2d / conv_transpose2d (dilation 1, no output padding); on CPU strided transposed ones by phases where
+    that is faster (`_by_phases`) and large depthwise ones in channel chunks (`_in_chunks`)."""
+    if transposed and _by_phases(x, weight, stride, padding, groups):
         return conv_transpose2d_polyphase(x, weight, bias, stride, padding)
     conv = F.conv_transpose2d if transposed else F.conv2d
 
     def op(xc, wc, bc):
         return conv(xc, wc, bc, stride=stride, padding=padding, groups=xc.shape[1])
 
-    depthwise = _is_depthwise(x.shape[1], weight, groups, transposed)
-    if not depthwise or x.numel() * x.element_size() <= _DEPTHWISE_CHUNK_BYTES:
+    if not _in_chunks(x, _is_depthwise(x.shape[1], weight, groups, transposed)):
         return conv(x, weight, bias, stride=stride, padding=padding, groups=groups)
     n, c, h, w = x.shape
     kh, kw = weight.shape[2:]
@@ -475,7 +502,7 @@ def _conv_input_grad(g, shape, strides, weight, stride, padding, groups, transpo
                                                    gc.shape[1] if depthwise else groups, [True, False, False])[0]
 
     depthwise = _is_depthwise(shape[1], weight, groups, transposed)
-    if not depthwise or g.numel() * g.element_size() <= _DEPTHWISE_CHUNK_BYTES:
+    if not _in_chunks(g, depthwise):
         return op(g, weight, None)
     return _by_channel_chunks(op, g.contiguous(), weight, None, shape)
 
@@ -560,8 +587,12 @@ class _LeakyReLUCompact(torch.autograd.Function):
 
 def leaky_relu_compact_(x: torch.Tensor, alpha: float, clamp: float | None = None) -> torch.Tensor:
     """In-place `leaky_relu(x, alpha)` then clamp to [-clamp, clamp] (None: no clamp); when `x` needs a gradient,
-    backward keeps a byte per element instead of a float (see `_LeakyReLUCompact`)."""
+    backward keeps a byte per element instead of a float (see `_LeakyReLUCompact`). Inside torch.compile, plain
+    autograd ops (the compiler plans the saved tensors itself; the values are the same)."""
     if torch.is_grad_enabled() and x.requires_grad:
+        if torch.compiler.is_compiling():
+            x = F.leaky_relu(x, alpha)
+            return x if clamp is None else x.clamp(-clamp, clamp)
         return _LeakyReLUCompact.apply(x, alpha, clamp)
     x = F.leaky_relu_(x, alpha)
     return x if clamp is None else x.clamp_(-clamp, clamp)

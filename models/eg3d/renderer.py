@@ -176,12 +176,12 @@ class DecodeRecompute:
         if self._cache is None:
             with torch.no_grad(), full_precision(self.table):  # as in forward, also if backward runs under autocast
                 idx, wts, w0, w1, b1, z = self.hidden()
-                if bool(z.max() <= 20):  # below Softplus's threshold: log1p(e^z), derivative e^z / (1 + e^z)
-                    e = z.exp_()
-                    h = torch.log1p(e)
-                    dh_dz = e.div_(e + 1)
-                else:  # sigmoid is 1.0 (float32) above the threshold, where softplus' derivative is 1
-                    h, dh_dz = F.softplus(z), torch.sigmoid(z)
+                # Softplus as in forward; its derivative as autograd's (e^z / (1 + e^z) up to the threshold 20,
+                # 1 above), chosen per element on the device: no host read of z.max().
+                h = F.softplus(z)
+                above = z > 20
+                e = z.clamp_(max=20).exp_()
+                dh_dz = e.div_(e + 1).masked_fill_(above, 1.0)
                 col = OSGDecoder.colour_logits(h, w1, b1).sigmoid_()
                 self._cache = {"idx": idx, "wts": wts, "w0": w0, "w1": w1, "dh_dz": dh_dz, "col": col}
         return self._cache
@@ -279,6 +279,7 @@ class ImportanceRenderer(nn.Module):
         decode runs through `FrozenDecode`, which keeps only `uv` for backward instead of every MLP activation.
         """
         if (RECOMPUTE_FROZEN_DECODE and torch.is_grad_enabled() and table.requires_grad
+                and not torch.compiler.is_compiling()  # compiled: autograd's decode, the compiler plans its memory
                 and table.dtype in (torch.float32, torch.float64)
                 and not any(p.requires_grad for p in decoder.parameters())):
             recompute = DecodeRecompute(table, uv, decoder, plane_hw, table_offset, self.config.box_warp)
@@ -323,8 +324,8 @@ class ImportanceRenderer(nn.Module):
         r = o.shape[0]
         depths_c = self._coarse_depths(r, jitter, o.device, o.dtype)
         # Ray origins/directions with their coordinates arranged per plane: (x, y), (x, z), (z, x).
-        o = o[:, _PLANE_COLS]
-        d = d[:, _PLANE_COLS]
+        o = torch.stack([o[:, c] for c in _PLANE_COLS], dim=1)  # (no index tensor to copy from the host)
+        d = torch.stack([d[:, c] for c in _PLANE_COLS], dim=1)
         pts = o[:, None, :] + depths_c[..., None] * d[:, None, :]
         sigma_c, col_c, rec_c = self._decode(table, plane_hw, offset, decoder, pts.reshape(-1, 6))
         sigma_c = sigma_c.view(r, -1)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -75,7 +74,7 @@ def _foldable_dtype(x: torch.Tensor) -> bool:
 def _fold_key(*tensors: torch.Tensor | None) -> tuple | None:
     """Identity of the tensors' values read without the values themselves (no device→host sync): per tensor its
     address, version counter, device, dtype, shape and strides; None when one is an inference tensor (it has no
-    version counter, so its in-place changes cannot be seen: nothing is cached then).
+    version counter, so its in-place changes cannot be seen: nothing is cached then) or while torch.compile traces.
 
     The cache rule: a hit means each tensor is the same memory, not written in place since it was cached. Every
     in-place op through the tensor or any of its views bumps the version counter they share (`optimizer.step()`,
@@ -84,6 +83,8 @@ def _fold_key(*tensors: torch.Tensor | None) -> tuple | None:
     freed and reused by another tensor at the same address. Writes the counter does not see (through `.data`,
     or a NumPy/DLPack view of the memory) must be followed by `clear_fold_caches(module)`.
     """
+    if torch.compiler.is_compiling():  # a compiled graph folds in the graph: no Python-side cache to guard on
+        return None
     key = []
     for t in tensors:
         if t is None:
@@ -135,7 +136,7 @@ class FullyConnectedLayer(nn.Module):
         self.activation = activation
         self.weight = nn.Parameter(torch.randn([out_features, in_features]) / lr_multiplier)
         self.bias = nn.Parameter(torch.full([out_features], float(bias_init))) if bias else None
-        self.weight_gain = lr_multiplier / np.sqrt(in_features)
+        self.weight_gain = lr_multiplier / math.sqrt(in_features)
         self.bias_gain = lr_multiplier
 
     def effective_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -190,7 +191,7 @@ class Conv2dLayer(nn.Module):
         self.conv_clamp = conv_clamp
         self.register_buffer("resample_filter", setup_filter(resample_filter))
         self.padding = kernel_size // 2
-        self.weight_gain = 1 / np.sqrt(in_channels * (kernel_size**2))
+        self.weight_gain = 1 / math.sqrt(in_channels * (kernel_size**2))
         self.act_gain = ACTIVATIONS[activation].def_gain
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         weight = torch.randn([out_channels, in_channels, kernel_size, kernel_size]).to(memory_format=memory_format)
@@ -321,7 +322,7 @@ def modulated_conv2d(
 
     if x.dtype == torch.float16 and demodulate:
         # Pre-normalise to avoid fp16 overflow (the original's fp16 path).
-        weight = weight * (1 / np.sqrt(in_channels * kh * kw) / weight.norm(float("inf"), dim=[1, 2, 3], keepdim=True))
+        weight = weight * (1 / math.sqrt(in_channels * kh * kw) / weight.norm(float("inf"), dim=[1, 2, 3], keepdim=True))
         styles = styles / styles.norm(float("inf"), dim=1, keepdim=True)
 
     sb = styles.shape[0]
@@ -528,7 +529,7 @@ class ToRGBLayer(nn.Module):
         self.weight = nn.Parameter(
             torch.randn([out_channels, in_channels, kernel_size, kernel_size]).to(memory_format=memory_format))
         self.bias = nn.Parameter(torch.zeros([out_channels]))
-        self.weight_gain = 1 / np.sqrt(in_channels * (kernel_size**2))
+        self.weight_gain = 1 / math.sqrt(in_channels * (kernel_size**2))
         self.padding = kernel_size // 2
         self._cache: tuple | None = None  # see _cache_entry
 
