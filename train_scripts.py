@@ -7,8 +7,12 @@
     python train_scripts.py train --config configs/train.yaml name=run1 --resume   # newest checkpoint of run1
     python train_scripts.py datagen --config configs/datagen.yaml [--merge-only]
     python train_scripts.py customize --pairs DIR --base CHECKPOINT [--instruction TEXT] [--name NAME]
+    python train_scripts.py train --config configs/train.yaml name=run1 --print-config   # show the resolved config
 
 `--nproc` without a number uses every visible GPU (1 on a CPU machine).
+`--print-config` prints the whole resolved config (defaults ← file ← overrides ← flags) as YAML and exits 0
+without building anything. A run keeps its resolved config as its record: exps/<name>/config.yaml (customize:
+its `train` section), OUT/datagen_config.yaml.
 `datagen` is `python -m tools.datagen` (same summary, `--merge-only`, exit code 1 when units failed).
 A user error (a bad config key or value, a missing file or folder) prints one line `error: ...` and exits
 with code 2; under torchrun every rank that hits it prints its line, prefixed with its rank.
@@ -45,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--nproc", nargs="?", type=int, const=-1, default=None,
                        help="launch torchrun with N processes on this node (no N: all visible GPUs)")
         s.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+        s.add_argument("--print-config", action="store_true",
+                       help="print the resolved config as YAML and exit (nothing is built or run)")
         if name in ("train", "customize"):
             s.add_argument("--resume", nargs="?", const="auto", default=None,
                            help="resume the run: no value = its newest checkpoint, or a checkpoint directory")
@@ -118,32 +124,41 @@ def _strip_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def _config_class(command: str) -> type:
-    if command == "train":
-        from training.train import TrainConfig
+def _resolved_config(args: argparse.Namespace, config: str, overrides: list[str]) -> object:
+    """The subcommand's whole config, as its run resolves it: defaults ← `config` ← `overrides` (customize: ←
+    its flags `--pairs`, `--base`, `--instruction`, `--name`). Builds nothing."""
+    from utils.config import load_config
 
-        return TrainConfig
-    if command == "datagen":
-        from pipelines.datagen import DatagenConfig
+    if args.command == "train":
+        from training.config import TrainConfig
 
-        return DatagenConfig
-    from training.customize import CustomizeConfig
+        return load_config(TrainConfig, config, overrides)
+    if args.command == "datagen":
+        from pipelines.datagen_config import DatagenConfig
 
-    return CustomizeConfig
+        return load_config(DatagenConfig, config, overrides)
+    from training.customize import resolve_config
+
+    return resolve_config(config, overrides, pairs=args.pairs, base=args.base, instruction=args.instruction,
+                          name=args.name)
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from utils.distributed import launched_by_torchrun
-    from utils.config import load_config
 
     config = args.config or str(ROOT / "configs" / f"{args.command}.yaml")
     overrides = list(args.overrides)
     if getattr(args, "resume", None):
         overrides.append(f"{'train.' if args.command == 'customize' else ''}resume={args.resume}")
+    if args.print_config:
+        from utils.config import config_yaml
+
+        sys.stdout.write(config_yaml(_resolved_config(args, config, overrides)))
+        return 0
     if args.nproc is not None and not launched_by_torchrun():
         n = _default_nproc() if args.nproc < 0 else args.nproc
         if n > 1:
-            load_config(_config_class(args.command), config, overrides)  # a bad key fails here, not on n ranks
+            _resolved_config(args, config, overrides)  # a bad key fails here, not on n ranks
             return _launch_torchrun(n, _strip_nproc(argv))
 
     if args.command == "train":

@@ -96,6 +96,7 @@ class StageTimer:
 
 
 def main() -> None:
+    """Options, the run under the stage timer, the table (one script read top to bottom, as the other benchmarks)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=1)

@@ -35,10 +35,9 @@ from pipelines.datagen_store import edit_path, merge_outputs
 from pipelines.datagen_worker import (Components, InputItem, ShardWorker, enumerate_inputs, render_eg3d, shard,
                                       stable_seed, unit_key)
 from utils.atomic import atomic_write_bytes
-from utils.config import load_config, save_config
+from utils.config import check_choices, load_config, save_config
 from utils.distributed import DistInfo, all_gather_object, barrier, destroy_distributed, init_distributed, is_dist
 from utils.errors import ConfigError
-from utils.testing_hooks import hooks, kill_at
 
 __all__ = ["Components", "DatagenConfig", "EditConfig", "FilterConfig", "InputItem", "SourceConfig", "TINY",
            "build_editor", "build_generator", "build_scorer", "edit_path", "enumerate_inputs", "main",
@@ -127,35 +126,18 @@ def _run(cfg: DatagenConfig, device: torch.device, dist: DistInfo, comps: Compon
         torch.set_num_threads(before)
 
 
-def _with_test_kill(on_unit_done: Callable[[dict], None] | None, rank: int) -> Callable[[dict], None] | None:
-    """`on_unit_done`, plus the `kill_rank_after_units` test hook (utils/testing_hooks.py) when it is set."""
-    target = hooks().kill_rank_after_units
-    if not target:
-        return on_unit_done
-    done = 0
-
-    def hook(info: dict) -> None:
-        nonlocal done
-        if on_unit_done is not None:
-            on_unit_done(info)
-        done += 1
-        kill_at(target, rank, done)
-    return hook
-
-
 def _generate(cfg: DatagenConfig, device: torch.device, dist: DistInfo, comps: Components,
               on_unit_done: Callable[[dict], None] | None) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab = load_vocabulary(cfg.edit.vocabulary)
     edit_types = select_edit_types(vocab, cfg.edit.edit_types)
-    if cfg.filter.on_all_filtered not in ("skip", "keep-best"):
-        raise ConfigError("filter.on_all_filtered must be 'skip' or 'keep-best'")
+    check_choices(cfg.filter, "filter")  # a config built in code skipped load_config's check of the Literal fields
     items = shard(enumerate_inputs(cfg.source), dist.rank, dist.world_size)
     if dist.rank == 0:
         save_config(cfg, out / "datagen_config.yaml")
 
-    worker = ShardWorker(cfg, comps, dist, device, _with_test_kill(on_unit_done, dist.rank))
+    worker = ShardWorker(cfg, comps, dist, device, on_unit_done)
     worker.load_state()
     pending = [it for it in items if any(unit_key(it.rel, e.name) not in worker.finished for e in edit_types)
                or not worker.input_done(it.rel)]

@@ -3,16 +3,19 @@
 Orchestration only: the layers live in `models/eg3d`, `models/live3d`, `models/editing`.
 
     editor = PortraitEditor.from_pretrained("pretrained_models/3dpe.pt")
-    prompt = editor.prompt(reference=ref)                   # computed once, reused for every input
-    planes = editor.edit(images, prompt)                    # N×96×256×256
-    views = editor.render(planes[:1], original_test_cameras())   # image V×3×512², depth V×1×128²
+    result = editor(images, reference=ref, cameras=original_test_cameras())
+    result.triplanes                      # N×96×256×256
+    result.views["image"]                 # N×V×3×512² (each input at every camera)
+    editor(more_images, prompt=result.reusable_prompt, cameras=...)   # the same prompt, not encoded again
+
+The steps (`prompt`, `edit` / `reconstruct`, `render`) stay public for code that needs only one of them.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
@@ -39,6 +42,48 @@ class PromptEmbedding:
     bias: torch.Tensor | None = None
     reference: torch.Tensor | None = None
     text: str | None = None
+
+    @classmethod
+    def stack(cls, embeddings: list[PromptEmbedding]) -> PromptEmbedding:
+        """One N-batch embedding of N 1-batch ones (the per-input prompts of one call)."""
+        def cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if parts[0] is None else torch.cat(parts)
+
+        return cls(torch.cat([e.tokens for e in embeddings]), cat([e.bias for e in embeddings]),
+                   cat([e.reference for e in embeddings]), embeddings[0].text)
+
+
+#: a step of `PortraitEditor.__call__`, told to its `on_step` callback before it runs
+EditStep = Literal["prompt", "edit", "reconstruct", "render"]
+StepCallback = Callable[[EditStep, int | None], None]
+
+
+@dataclass
+class EditResult:
+    """What one `PortraitEditor` call made.
+
+    triplanes: N×96×256×256. views: {'image' N×V×3×512², 'image_raw' N×V×3×128², 'image_depth' N×V×1×128²}
+    (input i at its V cameras), None when the call had no cameras. prompt: the embedding used (None for a
+    reconstruction); made for each input (`per_input`), it is their N-batch.
+    """
+
+    triplanes: torch.Tensor
+    views: dict[str, torch.Tensor] | None = None
+    prompt: PromptEmbedding | None = None
+    per_input: bool = False
+
+    @property
+    def reusable_prompt(self) -> PromptEmbedding | None:
+        """The embedding to pass as `prompt=` with more inputs of the same edit; None when there is none or
+        it was made from these inputs (a text through InstructPix2Pix)."""
+        return None if self.per_input else self.prompt
+
+    def reference(self, i: int) -> torch.Tensor | None:
+        """The image input i's prompt came from, 1×3×R×R (the reference image, or input i's 2D edit by
+        InstructPix2Pix); None for a CLIP text alone or a reconstruction."""
+        if self.prompt is None or self.prompt.reference is None:
+            return None
+        return self.prompt.reference[i : i + 1] if self.per_input else self.prompt.reference[:1]
 
 
 class PortraitEditor:
@@ -249,6 +294,83 @@ class PortraitEditor:
         """Same as `prompt` (the earlier name, kept for existing code)."""
         return self.prompt(image=image, reference=reference, text=text, image_weight=image_weight)
 
+    # ------------------------------------------------------------------ the call
+    @torch.inference_mode()
+    def __call__(
+        self,
+        images: torch.Tensor,
+        *,
+        reference: torch.Tensor | None = None,
+        text: str | None = None,
+        prompt: PromptEmbedding | None = None,
+        prompt_image: torch.Tensor | None = None,
+        image_weight: float = 0.5,
+        cameras: torch.Tensor | None = None,
+        on_step: StepCallback | None = None,
+    ) -> EditResult:
+        """Edit (or reconstruct) portraits and render them: the one call every tool makes.
+
+        images: N×3×R×R in [-1,1] (R = `input_resolution`; `pipelines.portraits.PortraitPreparer` makes them).
+        reference (1×3×R×R in [-1,1]) and/or text: the edit, encoded by `prompt` (its table says how).
+        prompt: an embedding from an earlier call (`EditResult.reusable_prompt`), used as it is for every
+            input; reference and text are then not read.
+        prompt_image: for a text through the InstructPix2Pix bridge, the portrait 1×3×R×R whose 2D edit serves
+            as the reference of every input (a video's first face); without it each input is edited for itself.
+        cameras: V×25, every input seen from each; or N×V×25, input i from its own V cameras (a video frame's).
+            None: no rendering (`views` None).
+        on_step(step, index): called before each step ('prompt', 'edit', 'reconstruct', 'render') with the
+            input it is for, or None when it is for all of them (progress display).
+
+        Prompt reuse is decided here and nowhere else: an embedding that does not depend on the inputs (a
+        reference image, a CLIP text, the bridge's edit of `prompt_image`) is encoded once for the N inputs and
+        returned as `EditResult.reusable_prompt`: pass it as `prompt=` with more inputs of the same edit. A
+        text through the bridge without `prompt_image` is encoded for each input, and `reusable_prompt` is None.
+        A reconstruction (Live3D) checkpoint takes no prompt.
+        """
+        step = on_step or _no_step
+        # 1. prompt and encoder → triplanes
+        if not self.is_editing:
+            if reference is not None or text is not None or prompt is not None:
+                raise ValueError("this checkpoint reconstructs (Live3D); it takes no prompt")
+            step("reconstruct", None)
+            result = EditResult(self.reconstruct(images))
+        elif prompt is None and prompt_image is None and self.prompt_is_per_input(text):
+            result = self._edit_each(images, reference, text, image_weight, step)
+        else:
+            if prompt is None:
+                step("prompt", None)
+                prompt = self.prompt(image=prompt_image, reference=reference, text=text, image_weight=image_weight)
+            step("edit", None)
+            result = EditResult(self.edit(images, prompt), prompt=prompt)
+        # 2. renderer → views
+        if cameras is not None:
+            result.views = self._render_all(result.triplanes, cameras, step)
+        return result
+
+    def _edit_each(self, images: torch.Tensor, reference: torch.Tensor | None, text: str | None,
+                   image_weight: float, step: StepCallback) -> EditResult:
+        """Inputs whose prompt depends on them: input i's prompt (its own bridge edit), then its edit."""
+        planes, prompts = [], []
+        for i in range(images.shape[0]):
+            image = images[i : i + 1]
+            step("prompt", i)
+            prompts.append(self.prompt(image=image, reference=reference, text=text, image_weight=image_weight))
+            step("edit", i)
+            planes.append(self.edit(image, prompts[-1]))
+        return EditResult(torch.cat(planes), prompt=PromptEmbedding.stack(prompts), per_input=True)
+
+    def _render_all(self, planes: torch.Tensor, cameras: torch.Tensor, step: StepCallback) -> dict[str, torch.Tensor]:
+        """Triplanes N×96×H×W at cameras V×25 (each input at all) or N×V×25 (each at its own) → N×V×… views."""
+        if cameras.ndim == 2:
+            views = []
+            for i in range(planes.shape[0]):
+                step("render", i)
+                views.append(self.render(planes[i : i + 1], cameras))
+            return {k: torch.stack([v[k] for v in views]) for k in views[0]}
+        step("render", None)  # view v of every input in one batched call
+        per_view = [self.render(planes, cameras[:, v]) for v in range(cameras.shape[1])]
+        return {k: torch.stack([v[k] for v in per_view], dim=1) for k in per_view[0]}
+
     # ------------------------------------------------------------------ encode
     @torch.inference_mode()
     def edit(self, images: torch.Tensor, prompt: PromptEmbedding | torch.Tensor) -> torch.Tensor:
@@ -298,3 +420,7 @@ class PortraitEditor:
     def sample_density(self, planes: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """Raw density sigma at world points coords M×3 of one triplane → M×1 (for meshing)."""
         return self.renderer.sample_density(self._to(planes[:1]), coords.to(self.device)[None])[0]
+
+
+def _no_step(step: str, index: int | None) -> None:
+    """The default `on_step`: nothing to show."""

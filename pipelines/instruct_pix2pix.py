@@ -330,16 +330,3 @@ class LazyInstructPix2Pix:
                 self._error = e
                 raise
         return self._editor(images, list(instructions), seeds=[self.cfg.seed] * len(instructions))
-
-
-def bridge_from_args(args: Any, device: str | torch.device | None = None) -> LazyInstructPix2Pix:
-    """The bridge from the CLIs' shared options (`--ip2p-model/-steps/-guidance/-image-guidance`, `--seed`).
-
-    `--ip2p-model` unset (None) means the default weights (`pretrained_models/instruct-pix2pix`, else the
-    cached `timbrooks/instruct-pix2pix`), never downloaded; a Hub id given there may be downloaded.
-    """
-    model = getattr(args, "ip2p_model", None)
-    return LazyInstructPix2Pix(InstructPix2PixConfig(
-        model=model or DEFAULT_HUB_ID, steps=args.ip2p_steps, guidance_scale=args.ip2p_guidance,
-        image_guidance_scale=args.ip2p_image_guidance, seed=args.seed), device=device,
-        allow_download=model is not None)

@@ -10,21 +10,26 @@ docs/video_and_demo.md has the details.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, get_args, Iterable, Literal
+from typing import TYPE_CHECKING, Any, Iterable, Literal, get_args
 
 import numpy as np
 import torch
 from PIL import Image
 
 from pipelines.crop_tracking import CentredWindowSmoother, FrameTrack
-from utils.face_alignment import LandmarkDetector, crop_box, crop_image, estimate_yaw_pitch
+from pipelines.portraits import portrait_side
+from utils.face_alignment import CropBox, LandmarkDetector, crop_box, crop_image, estimate_yaw_pitch
 from utils.image_io import pil_to_tensor, tensor_to_uint8
+
+if TYPE_CHECKING:
+    from pipelines.editor import PortraitEditor, PromptEmbedding
 
 CameraMode = Literal["frontal", "frame", "fixed", "orbit"]
 NoFaceMode = Literal["hold", "pass"]
@@ -188,36 +193,57 @@ class _Stability:
         return round(o, 4), round(i, 4), (round(o / i, 4) if i > 0 else None)
 
 
-PromptLike = Any  # PromptEmbedding, a callable (first aligned face 1×3×H×W) -> PromptEmbedding, or None
-
-
 def edit_video(
     video: str | Path,
     out: str | Path,
-    editor: Any,
-    prompt: PromptLike,
+    editor: PortraitEditor,
+    prompt: PromptEmbedding | None,
     detector: LandmarkDetector,
     cfg: VideoEditConfig | None = None,
     progress: bool = True,
     frames: Iterable[np.ndarray] | None = None,
     fps: float | None = None,
+    *,
+    reference: torch.Tensor | None = None,
+    text: str | None = None,
 ) -> VideoEditSummary:
     """Edit every frame of `video` and write `out` (mp4, libx264, the source frame rate).
 
     Args:
         editor: a `PortraitEditor` (an editing checkpoint needs a prompt; a Live3D one reconstructs).
-        prompt: a `PromptEmbedding` computed once, or a callable taking the first aligned face
-            (1×3×R×R in [-1,1]) and returning one (called once: the InstructPix2Pix bridge edits the
-            first frame's face and the edit becomes the reference), or None for reconstruction.
+        prompt: an embedding made beforehand, or None: then `reference` (1×3×R×R in [-1,1]) or `text` is
+            encoded by the editor's first call, with the first aligned face as `prompt_image` (a text through
+            InstructPix2Pix edits that face, and its edit is the reference), and that one embedding serves
+            every frame. All None: reconstruction.
         detector: finds faces in RGB PIL frames (`MTCNNDetector`, or any `LandmarkDetector`).
         frames, fps: decoded frames (H×W×3 uint8) and rate instead of reading `video` (tests, pipes).
     Returns:
         a `VideoEditSummary`. The output appears under `out` only when every frame was written.
     """
-    from utils.video import AtomicVideoWriter, iter_video_frames, read_video_meta
+    from utils.video import AtomicVideoWriter
 
     cfg = cfg or VideoEditConfig()
     cfg.validate()
+    frames, fps, total = _open_frames(video, frames, fps, cfg.max_frames)
+    summary = VideoEditSummary(output=str(out), no_face_mode=cfg.no_face, fps=float(fps), camera=cfg.camera)
+    run = _VideoRun(editor, detector, cfg, summary, prompt, reference, text)
+    smoother = CentredWindowSmoother(cfg.smooth_radius)
+    t0 = time.perf_counter()
+    with AtomicVideoWriter(out, fps=fps) as writer, _progress_bar(total, progress) as bar:
+        for index, frame in enumerate(itertools.islice(frames, cfg.max_frames)):
+            frame = np.ascontiguousarray(np.asarray(frame)[..., :3], dtype=np.uint8)
+            run.take(smoother.push(run.detect(index, frame)), writer, bar)
+        run.take(smoother.flush(), writer, bar, last=True)
+        if run.summary.frames == 0:
+            raise ValueError(f"{video}: no frames decoded")
+    return run.finish(time.perf_counter() - t0)
+
+
+def _open_frames(video: str | Path, frames: Iterable[np.ndarray] | None, fps: float | None,
+                 max_frames: int | None) -> tuple[Iterable[np.ndarray], float, int | None]:
+    """(frames, frame rate, frame count or None when unknown): the given frames, else those of `video`."""
+    from utils.video import iter_video_frames, read_video_meta
+
     total = None
     if frames is None:
         meta = read_video_meta(video)
@@ -226,64 +252,42 @@ def edit_video(
         frames = iter_video_frames(video)
     if not fps or fps <= 0:
         raise ValueError(f"{video}: unknown frame rate; pass fps")
-    if cfg.max_frames is not None:
-        total = cfg.max_frames if total is None else min(total, cfg.max_frames)
+    if max_frames is not None:
+        total = max_frames if total is None else min(total, max_frames)
+    return frames, fps, total
 
-    side = output_side(editor)
-    res = cfg.input_size or editor.input_resolution
-    plan = CameraPlan(cfg)
-    smoother = CentredWindowSmoother(cfg.smooth_radius)
-    stability = _Stability()
-    summary = VideoEditSummary(output=str(out), no_face_mode=cfg.no_face, fps=float(fps), camera=cfg.camera)
-    state: dict[str, Any] = {"prompt": prompt, "last_out": None, "last_box": None}
 
-    def resolve_prompt(first_face: torch.Tensor):
-        p = state["prompt"]
-        if callable(p) and not isinstance(p, torch.Tensor) and not hasattr(p, "tokens"):
-            p = state["prompt"] = p(first_face)
-        return p
+def _progress_bar(total: int | None, progress: bool) -> Any:
+    """A bar over the frames on stderr (a context manager giving None when not `progress`)."""
+    if not progress:
+        return contextlib.nullcontext(None)
+    from tqdm import tqdm
 
-    def input_view(track: FrameTrack) -> np.ndarray:
-        box = track.box or state["last_box"]
-        if box is None:
-            return centre_square(track.frame, side)
-        return np.asarray(crop_image(Image.fromarray(track.frame), box, side))
+    return tqdm(total=total, desc="editing video", unit="frame", file=sys.stderr)
 
-    def run_batch(batch: list[tuple[FrameTrack, Image.Image]]) -> list[np.ndarray]:
-        x = torch.cat([pil_to_tensor(crop) for _, crop in batch])
-        if editor.is_editing:
-            p = resolve_prompt(x[:1])
-            if p is None:
-                raise ValueError("an editing checkpoint needs a prompt (--ref or --prompt)")
-            planes = editor.edit(x, p)
-        else:
-            planes = editor.reconstruct(x)
-        cams = torch.cat([plan(t) for t, _ in batch])
-        return [tensor_to_uint8(v) for v in editor.render(planes, cams)["image"]]
 
-    def emit(pending: list[FrameTrack], crops: dict[int, Image.Image], writer: AtomicVideoWriter) -> None:
-        faces = [(t, crops[t.index]) for t in pending if t.box is not None]
-        edited = {}
-        if faces:
-            edited = {t.index: o for (t, _), o in zip(faces, run_batch(faces))}
-        for t in pending:
-            if t.box is not None:
-                state["last_box"] = t.box
-                frame = _resize_u8(edited[t.index], side)
-                inp = _resize_u8(np.asarray(crops[t.index]), side)
-                state["last_out"] = frame
-                summary.edited += 1
-                stability.add(frame, inp)
-            else:
-                summary.no_face += 1
-                inp = input_view(t)
-                frame = state["last_out"] if cfg.no_face == "hold" and state["last_out"] is not None else inp
-                stability.add(None, None)
-            writer.append(np.concatenate([inp, frame], axis=1) if cfg.side_by_side else frame)
-            summary.frames += 1
+class _VideoRun:
+    """The state of one `edit_video` run, in named attributes: the frames waiting for their batch (`pending`,
+    their aligned crops in `crops`), the last edited frame and crop box (held for frames without a face), the
+    prompt embedding once made, and what the summary counts."""
 
-    def detect(index: int, frame: np.ndarray) -> FrameTrack:
-        faces = detector.detect(Image.fromarray(frame))
+    def __init__(self, editor: PortraitEditor, detector: LandmarkDetector, cfg: VideoEditConfig,
+                 summary: VideoEditSummary, prompt: PromptEmbedding | None, reference: torch.Tensor | None,
+                 text: str | None):
+        self.editor, self.detector, self.cfg, self.summary = editor, detector, cfg, summary
+        self.prompt, self.reference, self.text = prompt, reference, text
+        self.side = output_side(editor)
+        self.res = portrait_side(editor, cfg.input_size)
+        self.plan = CameraPlan(cfg)
+        self.stability = _Stability()
+        self.pending: list[FrameTrack] = []
+        self.crops: dict[int, Image.Image] = {}
+        self.last_out: np.ndarray | None = None
+        self.last_box: CropBox | None = None
+
+    def detect(self, index: int, frame: np.ndarray) -> FrameTrack:
+        """The frame with its EG3D crop box (and, for camera 'frame', its head pose); no box without a face."""
+        faces = self.detector.detect(Image.fromarray(frame))
         if not faces:
             return FrameTrack(index, frame)
         lm = faces[0].landmarks
@@ -291,47 +295,68 @@ def edit_video(
             box = crop_box(lm, frame.shape[0])
         except ValueError:
             return FrameTrack(index, frame)
-        pose = estimate_yaw_pitch(lm) if cfg.camera == "frame" else None
+        pose = estimate_yaw_pitch(lm) if self.cfg.camera == "frame" else None
         return FrameTrack(index, frame, box, pose)
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc="editing video", unit="frame", file=sys.stderr)
-    t0 = time.perf_counter()
-    pending: list[FrameTrack] = []
-    crops: dict[int, Image.Image] = {}
-    with AtomicVideoWriter(out, fps=fps) as writer:
-
-        def take(ready: list[FrameTrack]) -> None:
-            for t in ready:
-                if t.box is not None:
-                    crops[t.index] = crop_image(Image.fromarray(t.frame), t.box, res)
-                pending.append(t)
-            n_faces = sum(t.box is not None for t in pending)
-            if n_faces >= cfg.batch_size or len(pending) >= 4 * cfg.batch_size:
-                emit(pending, crops, writer)
-                if bar is not None:
-                    bar.update(len(pending))
-                pending.clear()
-                crops.clear()
-
-        for index, frame in enumerate(itertools.islice(frames, cfg.max_frames)):
-            frame = np.ascontiguousarray(np.asarray(frame)[..., :3], dtype=np.uint8)
-            take(smoother.push(detect(index, frame)))
-        take(smoother.flush())
-        if pending:
-            emit(pending, crops, writer)
+    def take(self, ready: list[FrameTrack], writer: Any, bar: Any, last: bool = False) -> None:
+        """Queue the smoothed frames; write the queue once it holds a batch of faces (or `last`)."""
+        for t in ready:
+            if t.box is not None:
+                self.crops[t.index] = crop_image(Image.fromarray(t.frame), t.box, self.res)
+            self.pending.append(t)
+        bs = self.cfg.batch_size
+        full = sum(t.box is not None for t in self.pending) >= bs or len(self.pending) >= 4 * bs
+        if self.pending and (full or last):
+            self._write(writer)
             if bar is not None:
-                bar.update(len(pending))
-        if summary.frames == 0:
-            raise ValueError(f"{video}: no frames decoded")
-    if bar is not None:
-        bar.close()
-    summary.seconds = round(time.perf_counter() - t0, 3)
-    summary.frames_per_second = round(summary.frames / max(summary.seconds, 1e-9), 4)
-    summary.size = (side * (2 if cfg.side_by_side else 1), side)
-    summary.output_mean_abs_diff, summary.input_mean_abs_diff, summary.stability_ratio = stability.result()
-    return summary
+                bar.update(len(self.pending))
+            self.pending.clear()
+            self.crops.clear()
 
+    def _write(self, writer: Any) -> None:
+        """Edit the queued faces in one batch and write every queued frame in order."""
+        faces = [t for t in self.pending if t.box is not None]
+        edited = dict(zip([t.index for t in faces], self._edit(faces))) if faces else {}
+        for t in self.pending:
+            frame, inp = self._edited(t, edited[t.index]) if t.box is not None else self._held(t)
+            writer.append(np.concatenate([inp, frame], axis=1) if self.cfg.side_by_side else frame)
+            self.summary.frames += 1
+
+    def _edit(self, faces: list[FrameTrack]) -> list[np.ndarray]:
+        """The editor's call on the faces' crops, each rendered at its frame's camera → side×side×3 uint8 frames."""
+        x = torch.cat([pil_to_tensor(self.crops[t.index]) for t in faces])
+        cameras = torch.cat([self.plan(t) for t in faces])[:, None]  # N×1×25: each frame at its own camera
+        result = self.editor(x, reference=self.reference, text=self.text, prompt=self.prompt, prompt_image=x[:1],
+                             cameras=cameras)
+        self.prompt = result.reusable_prompt  # made from the first face: it serves every later frame
+        return [tensor_to_uint8(v) for v in result.views["image"][:, 0]]
+
+    def _edited(self, t: FrameTrack, edited: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(output frame, aligned input) of a frame with a face."""
+        self.last_box = t.box
+        frame = _resize_u8(edited, self.side)
+        inp = _resize_u8(np.asarray(self.crops[t.index]), self.side)
+        self.last_out = frame
+        self.summary.edited += 1
+        self.stability.add(frame, inp)
+        return frame, inp
+
+    def _held(self, t: FrameTrack) -> tuple[np.ndarray, np.ndarray]:
+        """(output frame, input view) of a frame without a face: the last edit ('hold') or the input ('pass'),
+        the input framed by the last crop box (the centre square before any face)."""
+        self.summary.no_face += 1
+        box = self.last_box
+        inp = centre_square(t.frame, self.side) if box is None else np.asarray(
+            crop_image(Image.fromarray(t.frame), box, self.side))
+        frame = self.last_out if self.cfg.no_face == "hold" and self.last_out is not None else inp
+        self.stability.add(None, None)
+        return frame, inp
+
+    def finish(self, seconds: float) -> VideoEditSummary:
+        """The summary, with the run's time, throughput, output size and stability figures."""
+        s = self.summary
+        s.seconds = round(seconds, 3)
+        s.frames_per_second = round(s.frames / max(s.seconds, 1e-9), 4)
+        s.size = (self.side * (2 if self.cfg.side_by_side else 1), self.side)
+        s.output_mean_abs_diff, s.input_mean_abs_diff, s.stability_ratio = self.stability.result()
+        return s

@@ -43,7 +43,7 @@ def use_offline_cache(mp: pytest.MonkeyPatch, root: Path) -> Path:
     """Point huggingface_hub (env and the constants it read at import) at an empty cache under `root`, offline."""
     import huggingface_hub.constants as hf_constants
 
-    from models import hub
+    from models.checkpoint import hub
 
     cache = root / "hf_home" / "hub"
     cache.mkdir(parents=True, exist_ok=True)

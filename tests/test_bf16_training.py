@@ -46,7 +46,7 @@ def test_bf16_checkpointed_rendering_gives_the_same_gradients():
     in the same dtypes as its first pass (the recomputed tensors' metadata must match), the student's render goes
     through `FrozenDecode`, and the encoder's gradients equal those without checkpointing up to bf16 rounding."""
     from test_training import tiny_student_problem
-    from training.setup import Student
+    from training.student import Student
 
     enc, ren, params, (img, ref, cams) = tiny_student_problem()
     grads = []

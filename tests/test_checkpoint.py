@@ -23,7 +23,7 @@ from torch import nn
 
 from conftest import ROOT, read_key_list
 from models import checkpoint as ck
-from models.safe_unpickle import safe_torch_load
+from models.checkpoint.safe_unpickle import safe_torch_load
 from utils.errors import ConfigError, MissingWeightsError, UnknownCheckpointFormatError, UnsafePickleError
 
 CLI_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

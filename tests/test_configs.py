@@ -1,10 +1,16 @@
-"""One source of truth for configuration: typed choices checked at load, YAML files against the dataclass
-defaults, nested sections as dataclasses, configs written before (config.json, config.yaml) still load,
-one attribute name (`.config`) on every model, and the test-only switches in `THREEDPE_TEST_HOOKS`."""
+"""One source of truth for configuration: the dataclasses hold every default (each field documented), a YAML in
+configs/ holds only what differs from them (each key with its reason), `--print-config` shows the resolved
+whole; typed choices checked at load, nested sections as dataclasses, configs written before (config.json,
+config.yaml) still load, one attribute name (`.config`) on every model, and the test-only switches in
+`THREEDPE_TEST_HOOKS`."""
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,74 +31,140 @@ DATA = Path(__file__).resolve().parent / "data"
 SCHEMAS = {"train.yaml": TrainConfig, "train_tiny.yaml": TrainConfig, "customize.yaml": CustomizeConfig,
            "customize_tiny.yaml": CustomizeConfig, "datagen.yaml": DatagenConfig, "datagen_tiny.yaml": DatagenConfig,
            "edit_vocabulary.yaml": None}
-
-TINY_TRAIN = "tiny models on a 64² tiny dataset, on CPU, a few steps, everything logged"
-TINY_DATAGEN = "tiny random models on CPU, 4 portraits × 2 styles, nothing filtered out"
-TINY_CUSTOMIZE = "tiny models (random, or a tiny --base) on 64² pairs, on CPU, a few steps"
-#: Every key whose YAML value differs from its dataclass default, and why. A YAML may restate a default
-#: (train.yaml lists the released run in full), but a difference that is not listed here is drift.
-DIFFERENCES: dict[str, dict[str, str]] = {
-    "train.yaml": {
-        "model.mae_pretrain": "the released run starts the MAE branch from the official MAE weights; the default "
-                              "'' (random MAE branch) is the original code's behaviour",
-        "model.render_chunk": "checkpointed rendering, 2 views per chunk, so a 512² run fits in memory; the "
-                              "default 0 keeps every view's graph (the original)",
-    },
-    "customize.yaml": {},
-    "customize_tiny.yaml": {k: TINY_CUSTOMIZE for k in (
-        "base", "train.name", "train.device", "train.max_steps", "train.data.resolution", "train.data.workers",
-        "train.model.tiny", "train.model.init_checkpoint", "train.log.log_interval", "train.log.image_interval",
-        "train.log.save_interval", "train.log.image_size")},
-    "datagen.yaml": {
-        "source.seeds": "the full dataset: 10,000 EG3D portraits (the default is a 1,000-portrait run)",
-        "source.files_per_dir": "10,000 inputs go into folders of 1,000 (the default writes one folder)",
-        "edit.image_guidance_scales": "two image-guidance variants per (portrait, style); the CLIP filter keeps "
-                                      "the best (the default tries one)",
-        "batch_size": "GPU run: 8 inputs per step (the default 4)",
-    },
-    "train_tiny.yaml": {k: TINY_TRAIN for k in (
-        "name", "seed", "epochs", "max_steps", "device", "data.train_root", "data.val_root", "data.val_fraction",
-        "data.resolution", "data.val_batch_size", "data.val_batches", "data.workers", "model.tiny",
-        "model.init_checkpoint", "log.log_interval", "log.image_interval", "log.val_interval", "log.save_interval",
-        "log.keep_last", "log.image_size")},
-    "datagen_tiny.yaml": {k: TINY_DATAGEN for k in (
-        "source.network", "source.seeds", "edit.edit_types", "edit.instructions_per_edit", "edit.model",
-        "edit.steps", "edit.resolution", "filter.clip_model", "filter.min_directional",
-        "filter.min_image_similarity", "output_dir", "batch_size", "device", "fp16", "progress")},
-}
+CONFIG_FILES = sorted(name for name, cls in SCHEMAS.items() if cls is not None)
+#: `to_dict(load_config(schema, configs/<name>))` of every config file, recorded before the YAML files were cut
+#: down to their differences (issue #25): what a run resolves must not move when a YAML or a default is edited.
+RESOLVED = DATA / "resolved_configs.json"
 
 
 def _leaves(data: dict, prefix: str = "") -> dict[str, object]:
-    """'a.b.c' → value for every non-mapping value of a nested mapping."""
+    """'a.b.c' → value for every non-mapping value (and every empty mapping) of a nested mapping."""
     out: dict[str, object] = {}
     for key, value in data.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:
             out.update(_leaves(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
 
 
-def _differences(name: str) -> dict[str, tuple[object, object]]:
-    """Keys of configs/<name> whose value (as loaded) differs from the dataclass default: key → (default, yaml)."""
-    cls = SCHEMAS[name]
+def _restated(cls: type, path: Path) -> list[str]:
+    """The keys of the YAML at `path` whose value, as loaded, equals `cls`'s default (an empty section too)."""
     defaults = _leaves(to_dict(cls()))
-    loaded = _leaves(to_dict(load_config(cls, CONFIGS / name)))
-    in_file = _leaves(yaml.safe_load((CONFIGS / name).read_text()) or {})
-    return {k: (defaults[k], loaded[k]) for k in in_file if loaded[k] != defaults[k]}
+    loaded = _leaves(to_dict(load_config(cls, path)))
+    in_file = _leaves(yaml.safe_load(path.read_text()) or {})
+    return sorted(k for k in in_file if k not in defaults or loaded[k] == defaults[k])
+
+
+def _keys_without_reason(path: Path) -> list[str]:
+    """The lines of the YAML at `path` that set a value (not a section header) with no comment on them."""
+    setting = re.compile(r"^\s*[\w.-]+:\s*[^\s#]")
+    return [line for line in path.read_text().splitlines() if setting.match(line) and "#" not in line]
 
 
 def test_every_config_file_has_a_schema():
     assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(SCHEMAS)
 
 
-@pytest.mark.parametrize("name", sorted(DIFFERENCES))
-def test_yaml_differs_from_the_defaults_only_where_pinned(name):
-    found = _differences(name)
-    assert sorted(found) == sorted(DIFFERENCES[name]), (
-        f"configs/{name} vs {SCHEMAS[name].__name__} defaults (default, yaml): "
-        f"{ {k: v for k, v in found.items() if k not in DIFFERENCES[name]} }; "
-        f"pinned but equal now: {sorted(set(DIFFERENCES[name]) - set(found))}")
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_a_yaml_holds_only_what_differs_from_the_defaults(name):
+    restated = _restated(SCHEMAS[name], CONFIGS / name)
+    assert not restated, f"configs/{name} restates {SCHEMAS[name].__name__}'s defaults (delete them): {restated}"
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_each_key_of_a_yaml_says_why(name):
+    assert _keys_without_reason(CONFIGS / name) == [], f"configs/{name}: give each key its reason in a comment"
+
+
+def test_the_yaml_checks_catch_a_restated_default_and_a_key_without_reason(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 42   # the default\nmodel:\n  tiny: true\n")
+    assert _restated(TrainConfig, bad) == ["seed"]
+    assert _keys_without_reason(bad) == ["  tiny: true"]
+    bad.write_text("base: ''  # none\nip2p: {}  # an empty section restates the defaults too\n")
+    assert _restated(CustomizeConfig, bad) == ["ip2p"]
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_the_resolved_config_of_each_file_is_unchanged(name):
+    recorded = json.loads(RESOLVED.read_text())
+    assert sorted(recorded) == CONFIG_FILES
+    assert to_dict(load_config(SCHEMAS[name], CONFIGS / name)) == recorded[name]
+
+
+def test_the_defaults_live_in_one_place():
+    """LossConfig is a section of training/config.py, which imports no loss code; the customisation focal is the
+    camera module's constant."""
+    from training import losses
+    from training.config import LossConfig
+    from utils.cameras import FOCAL_EG3D_LABEL
+
+    assert losses.LossConfig is LossConfig and TrainConfig().loss == LossConfig()
+    tree = ast.parse((ROOT / "training" / "config.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "training.losses" not in imported
+    assert CustomizeConfig().default_focal == FOCAL_EG3D_LABEL
+
+
+# ------------------------------------------------------------------------------------ --print-config
+@pytest.mark.parametrize("argv, cls, config, overrides", [
+    (["train", "--config", str(CONFIGS / "train.yaml"), "name=x"], TrainConfig, "train.yaml", ["name=x"]),
+    (["train", "--config", str(CONFIGS / "train_tiny.yaml"), "name=x", "--resume"], TrainConfig, "train_tiny.yaml",
+     ["name=x", "resume=auto"]),
+    (["datagen", "--config", str(CONFIGS / "datagen_tiny.yaml"), "batch_size=3"], DatagenConfig, "datagen_tiny.yaml",
+     ["batch_size=3"]),
+    (["datagen", "batch_size=3"], DatagenConfig, "datagen.yaml", ["batch_size=3"]),  # its default config file
+    (["customize", "--pairs", "DIR", "--name", "mine", "train.max_steps=5"], CustomizeConfig, "customize.yaml",
+     ["train.max_steps=5", "pairs=DIR", "train.name=mine"]),
+])
+def test_print_config_prints_the_whole_resolved_config_and_runs_nothing(argv, cls, config, overrides, tmp_path,
+                                                                        monkeypatch, capsys):
+    import train_scripts
+
+    monkeypatch.chdir(tmp_path)  # anything a run would write (exps/, data/) would land here
+    assert train_scripts.main([*argv, "--print-config"]) == 0
+    out = capsys.readouterr()
+    expected = load_config(cls, CONFIGS / config, overrides)
+    assert yaml.safe_load(out.out) == to_dict(expected) and out.err == ""  # every key, not only the file's
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(out.out)
+    assert load_config(cls, printed) == expected  # it loads back to the same config
+    assert list(tmp_path.iterdir()) == [printed]
+
+
+def test_print_config_with_a_bad_key_is_one_error_line(capsys):
+    import train_scripts
+
+    assert train_scripts.main(["train", "--config", str(CONFIGS / "train.yaml"), "optim.lr=fast",
+                               "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["error: command-line override 'optim.lr=fast': optim.lr: expected float, got 'fast'"]
+
+
+def test_print_config_from_the_command_line():
+    proc = subprocess.run([sys.executable, "train_scripts.py", "train", "--config", "configs/train.yaml", "name=x",
+                           "--print-config"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert yaml.safe_load(proc.stdout) == to_dict(load_config(TrainConfig, CONFIGS / "train.yaml", ["name=x"]))
+
+
+def test_a_run_keeps_the_printed_config_as_its_record(tmp_path, capsys):
+    """exps/<name>/config.yaml is the text --print-config shows for the same command."""
+    import train_scripts
+    from tests.test_training import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "data", n_portraits=2, styles=("anime",))
+    argv = ["train", "--config", str(CONFIGS / "train_tiny.yaml"), f"data.train_root={data}",
+            f"exp_dir={tmp_path / 'exps'}", "name=rec", "max_steps=1", "data.val_fraction=0", "gan.enabled=false",
+            "loss.multiview=false", "loss.lpips=0", "export_3dpe=false", "log.image_interval=1000",
+            "log.val_interval=1000", "log.save_interval=1000"]
+    assert train_scripts.main([*argv, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert train_scripts.main(argv) == 0
+    assert (tmp_path / "exps" / "rec" / "config.yaml").read_text() == printed
 
 
 # ------------------------------------------------------------------------------------------ choices
@@ -117,7 +189,7 @@ def test_an_error_names_where_the_key_came_from(tmp_path):
     tiny = CONFIGS / "train_tiny.yaml"
     with pytest.raises(ConfigError) as e:
         load_config(TrainConfig, tiny, ["name=ok", "foo.bar=1"])
-    assert str(e.value).startswith("command-line override 'foo.bar=1': unknown key 'foo' (valid: bf16, data,")
+    assert str(e.value).startswith("command-line override 'foo.bar=1': unknown key 'foo' (valid: bf16, compile, data,")
     assert "train_tiny.yaml" not in str(e.value)
     with pytest.raises(ConfigError, match=r"^command-line override 'optim.lr=fast': optim.lr: expected float"):
         load_config(TrainConfig, tiny, ["optim.lr=fast"])
@@ -211,7 +283,7 @@ def test_a_run_config_saved_before_still_loads():
 
 
 @pytest.mark.parametrize("override, hint", [
-    ("stop_after=2", "'stop_after' is no longer a setting: tests set stop_after in THREEDPE_TEST_HOOKS"),
+    ("stop_after=2", "'stop_after' is no longer a setting: stop a run with SIGTERM or Ctrl-C"),
     ("model.allow_random_init=true", "model: 'allow_random_init' is no longer a setting"),
     ("loss.lpips_random_backbone=true", "loss: 'lpips_random_backbone' is no longer a setting: model.tiny=true"),
 ])
@@ -257,14 +329,18 @@ def test_test_hooks_come_from_one_environment_variable(monkeypatch):
 
     monkeypatch.delenv(testing_hooks.ENV, raising=False)
     assert testing_hooks.hooks() == testing_hooks.Hooks()
-    with testing_hooks.enabled(stop_after=3, random_loss_nets=True) as h:
-        assert h == testing_hooks.hooks() == testing_hooks.Hooks(stop_after=3, random_loss_nets=True)
+    with testing_hooks.enabled(random_init=True, random_loss_nets=True) as h:
+        assert h == testing_hooks.hooks() == testing_hooks.Hooks(random_init=True, random_loss_nets=True)
     assert testing_hooks.ENV not in os.environ
-    monkeypatch.setenv(testing_hooks.ENV, "{stop_after: 2}")
+    monkeypatch.setenv(testing_hooks.ENV, "{random_init: true}")
     with pytest.raises(ConfigError, match="THREEDPE_TEST_HOOKS is not valid JSON"):
         testing_hooks.hooks()
-    monkeypatch.setenv(testing_hooks.ENV, '{"stop_afer": 2}')
-    with pytest.raises(ConfigError, match="THREEDPE_TEST_HOOKS: unknown key 'stop_afer'"):
+    monkeypatch.setenv(testing_hooks.ENV, '{"random_int": true}')
+    with pytest.raises(ConfigError, match="THREEDPE_TEST_HOOKS: unknown key 'random_int'"):
         testing_hooks.hooks()
     with pytest.raises(ConfigError, match="unknown key 'allow_random_init'"):
         testing_hooks.env(allow_random_init=True)
+    # nothing in the training or datagen loop: tests break runs from outside (a signal, a killed process)
+    for loop_hook in ("stop_after", "kill_rank_at_step", "kill_while_saving", "kill_rank_after_units"):
+        with pytest.raises(ConfigError, match=f"unknown key '{loop_hook}'"):
+            testing_hooks.env(**{loop_hook: 1})

@@ -228,7 +228,7 @@ def test_customize_skips_unmatched_inputs_with_one_warning(tmp_path, capsys, bas
 
 def _record_prompts(monkeypatch) -> list[tuple[list[str], list[bool]]]:
     """Spy on the student's training forwards: (texts, use_text) per call (texts None = reference images)."""
-    from training.setup import Student
+    from training.student import Student
 
     calls: list = []
     forward = Student.forward

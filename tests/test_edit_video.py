@@ -149,11 +149,11 @@ def test_prompt_computed_once_through_bridge(detector, tmp_path: Path):
         return original(*a, **k)
 
     ed.prompt = counting
-    prompt = ev.build_prompt(ed, None, "make it bronze", size=CROP)
-    assert callable(prompt) and not encodes  # nothing computed before the first face
+    reference, text = ev.video_prompt(ed, None, "make it bronze", size=CROP)
+    assert reference is None and text == "make it bronze" and not encodes  # nothing computed before the first face
     cfg = ev.VideoEditConfig(batch_size=2, input_size=CROP)
-    s = ev.edit_video("synthetic", tmp_path / "t.mp4", ed, prompt, detector, cfg, progress=False,
-                      frames=iter(_astronaut_frames()), fps=FPS)
+    s = ev.edit_video("synthetic", tmp_path / "t.mp4", ed, None, detector, cfg, progress=False,
+                      frames=iter(_astronaut_frames()), fps=FPS, reference=reference, text=text)
     assert s.edited == N_FRAMES - 1
     assert calls == [((1, 3, CROP, CROP), ("make it bronze",))]
     assert encodes.count("make it bronze") == 1  # (the bridge then encodes its edit as a reference once)

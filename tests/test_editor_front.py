@@ -93,6 +93,108 @@ def test_prompt_refuses_what_it_cannot_encode(mae):
         mae.prompt(image=_img(0))
 
 
+# ------------------------------------------------------------------ the call: prompt → edit → views
+def _inputs(editor: PortraitEditor, n: int) -> torch.Tensor:
+    return torch.cat([_img(10 + i, editor.input_resolution) for i in range(n)])
+
+
+def _counting_prompts(editor: PortraitEditor, monkeypatch) -> list:
+    """Record every `editor.prompt` call (its `text`); the bridge's inner encoding of its edit counts too."""
+    calls, real = [], editor.prompt
+    monkeypatch.setattr(editor, "prompt", lambda **k: calls.append(k.get("text")) or real(**k))
+    return calls
+
+
+def test_call_encodes_a_reference_once_for_every_input_and_renders_each(mae, monkeypatch):
+    from utils.cameras import original_test_cameras
+
+    images, ref, cams = _inputs(mae, 2), _img(3, mae.input_resolution), original_test_cameras((-20.0, 20.0))
+    want = mae.edit(images, mae.prompt(reference=ref))
+    prompts, steps = _counting_prompts(mae, monkeypatch), []
+    result = mae(images, reference=ref, cameras=cams, on_step=lambda step, i: steps.append((step, i)))
+    assert prompts == [None] and torch.equal(result.triplanes, want)  # one encoding serves both inputs
+    assert steps == [("prompt", None), ("edit", None), ("render", 0), ("render", 1)]
+    assert result.views["image"].shape[:2] == (2, 2) and result.views["image_depth"].shape[:2] == (2, 2)
+    assert torch.equal(result.views["image"][1], mae.render(want[1:], cams)["image"])
+    assert result.reusable_prompt is result.prompt and torch.equal(result.reference(1), ref)
+    again = mae(images, prompt=result.reusable_prompt)  # the caller reuses it: nothing encoded again
+    assert prompts == [None] and torch.equal(again.triplanes, want) and again.views is None
+
+
+def test_call_encodes_a_text_through_the_bridge_per_input_unless_given_the_image(mae, monkeypatch):
+    bridge = _Bridge()
+    monkeypatch.setattr(mae, "text_bridge", bridge)
+    images = _inputs(mae, 2)
+    prompts, steps = _counting_prompts(mae, monkeypatch), []
+    result = mae(images, text="make it gold", on_step=lambda step, i: steps.append((step, i)))
+    assert bridge.calls == [["make it gold"]] * 2 and prompts.count("make it gold") == 2  # one per input
+    assert steps == [("prompt", 0), ("edit", 0), ("prompt", 1), ("edit", 1)]
+    assert result.per_input and result.reusable_prompt is None  # made from these inputs: not for others
+    assert torch.equal(result.reference(1), images[1:].flip(-1))
+    assert torch.equal(result.triplanes[1:], mae.edit(images[1:], mae.prompt(reference=images[1:].flip(-1))))
+    bridge.calls.clear()
+    first = mae(images, text="make it gold", prompt_image=images[:1])  # one edit (a video's first face) for all
+    assert bridge.calls == [["make it gold"]] and first.reusable_prompt is not None
+    assert torch.equal(first.triplanes, mae.edit(images, mae.prompt(reference=images[:1].flip(-1))))
+
+
+def test_call_encodes_a_clip_text_once_and_takes_a_precomputed_prompt(clip, monkeypatch):
+    images = _inputs(clip, 2)
+    emb = clip.prompt(text="a bronze statue")
+    prompts = _counting_prompts(clip, monkeypatch)
+    result = clip(images, text="a bronze statue")
+    assert prompts == ["a bronze statue"] and result.reusable_prompt is not None and result.reference(0) is None
+    assert torch.equal(result.triplanes, clip.edit(images, emb))
+    given = clip(images, prompt=emb, text="ignored when a prompt is given")
+    assert prompts == ["a bronze statue"] and torch.equal(given.triplanes, result.triplanes)
+
+
+def test_call_reconstructs_with_a_live3d_checkpoint_and_renders_per_input_cameras():
+    from utils.cameras import original_test_cameras
+
+    recon = PortraitEditor.random_init(kind="reconstruct", tiny=True, seed=0, device="cpu")
+    images = _inputs(recon, 2)
+    cams = torch.stack([original_test_cameras((-10.0,)), original_test_cameras((25.0,))])  # N×V×25, V = 1
+    result = recon(images, cameras=cams)
+    planes = recon.reconstruct(images)
+    assert torch.equal(result.triplanes, planes) and result.prompt is None and result.reference(0) is None
+    assert torch.equal(result.views["image"][:, 0], recon.render(planes, cams[:, 0])["image"])  # one batched call
+    with pytest.raises(ValueError, match="reconstructs"):
+        recon(images, reference=_img(3, recon.input_resolution))
+
+
+def test_portrait_preparer_reads_aligns_and_resizes(tmp_path: Path):
+    """The one preparation of every tool: a non-square file is centre-cropped with a warning; with `align` the
+    EG3D crop at the preparer's side, or (a reference may hold no face) the picture as it is."""
+    from pipelines.portraits import PortraitPreparer
+    from utils.errors import NoFaceError
+    from utils.face_alignment import EMPIRICAL_LANDMARKS_512, Face
+
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.full((30, 50, 3), 90, np.uint8)).save(wide)
+    plain = PortraitPreparer(32)(wide)
+    assert plain.tensor.shape == (1, 3, 32, 32) and plain.image.size == (32, 32) and not plain.aligned
+    assert len(plain.warnings) == 1 and str(wide) in plain.warnings[0] and "--align" in plain.warnings[0]
+
+    class Detector:
+        def __init__(self, faces: bool):
+            self.faces, self.keys = faces, []
+
+        def detect(self, image, key=None):
+            self.keys.append(key)
+            return [Face(None, 0.97, EMPIRICAL_LANDMARKS_512 * image.width / 512)] if self.faces else []
+
+    none = Detector(faces=False)
+    with pytest.raises(NoFaceError):
+        PortraitPreparer(32, align=True, detector=none)(wide)
+    sketch = PortraitPreparer(32, align=True, detector=none)(wide, needs_face=False)
+    assert not sketch.aligned and "--align" not in sketch.warnings[0]  # asked to align already: no such hint
+    assert none.keys == [str(wide)] * 2  # the detector is told the file (landmark files are found by it)
+    face = PortraitPreparer(32, align=True, detector=Detector(faces=True))(Image.new("RGB", (100, 100), "grey"))
+    assert face.aligned and face.face_score == pytest.approx(0.97) and face.image.size == (32, 32)
+    assert face.warnings == []
+
+
 # ------------------------------------------------------------------ shared options
 def _help(tool: str, capsys) -> str:
     import importlib
@@ -122,16 +224,29 @@ def test_test_scripts_is_the_inference_tool(capsys):
     assert "--channels-last" in capsys.readouterr().out
 
 
-def test_editor_argv_passes_the_options_on():
-    from tools.editor_options import add_editor_arguments, editor_argv
+def test_editor_options_are_typed_and_reach_the_inference_run():
+    """The shared options become an `EditorOptions` (the flags are its fields, their defaults its defaults), which
+    an inference run takes as its defaults (tools/evaluate.py: no argv round trip); words given still win."""
+    from dataclasses import replace
+
+    from pipelines.instruct_pix2pix import InstructPix2PixConfig
+    from tools.editor_options import EDITOR_FLAGS, EditorOptions, add_editor_arguments
+    from tools.inference import InferenceOptions, parse_args
 
     p = argparse.ArgumentParser()
-    add_editor_arguments(p, checkpoint_default=None)
+    add_editor_arguments(p, defaults=EditorOptions(checkpoint=None))
     given = ["--device", "cpu", "--random-init", "--tiny", "--ip2p-steps", "3", "--precision", "bf16"]
-    words = editor_argv(p.parse_args(given))
-    assert sorted(words) == sorted(given)  # only what differs from the defaults; no checkpoint when None
-    assert vars(p.parse_args(words)) == vars(p.parse_args(given))
-    assert editor_argv(p.parse_args([])) == []
+    options = EditorOptions.from_args(p.parse_args(given))
+    assert options == EditorOptions(checkpoint=None, device="cpu", random_init=True, tiny=True, ip2p_steps=3,
+                                    precision="bf16")
+    assert EditorOptions.from_args(p.parse_args([])) == EditorOptions(checkpoint=None)
+    assert set(SHARED_FLAGS) | {"--compile"} == set(EDITOR_FLAGS)
+    run = parse_args(["--precision", "fp32", "--align"], defaults=InferenceOptions(data_dir="d", editor=options))
+    assert run.editor == replace(options, precision="fp32") and run.align and run.data_dir == "d"
+    assert parse_args([]) == InferenceOptions()  # the command line's defaults are the dataclass's
+    bridge, default = EditorOptions().instruct_pix2pix(), InstructPix2PixConfig()
+    assert (bridge.model, bridge.steps, bridge.guidance_scale, bridge.image_guidance_scale, bridge.seed) == (
+        default.model, default.steps, default.guidance_scale, default.image_guidance_scale, default.seed)
 
 
 def test_editor_from_args_applies_every_option(monkeypatch):

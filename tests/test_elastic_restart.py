@@ -1,12 +1,15 @@
 """Restarts that lose nothing: torchrun's `--max-restarts` restarts the worker group when a rank dies, and the
 README's command, unchanged, goes on from the newest complete checkpoint by itself.
 
-Checked on tiny models with two gloo ranks: a rank SIGKILLed mid-run (test hook `kill_rank_at_step`), and
-rank 0 SIGKILLed while writing a checkpoint (`kill_while_saving`: every file written, the folder not yet
-renamed into place), each end with exit code 0, a restart line in the log, and weights, training state and
+Checked on tiny models with two gloo ranks: a rank SIGKILLed mid-run, and rank 0 SIGKILLed while writing a
+checkpoint (every file written, the folder not yet renamed into place), each end with exit code 0, a restart line in the log, and weights, training state and
 TensorBoard scalars bit-identical to an uninterrupted run; the half-written checkpoint is never chosen. A
 restart before the first checkpoint starts from scratch and drops what the killed attempt logged. Datagen:
 a rank killed after its first unit, restarted by torchrun, gives the same files, byte for byte.
+
+The product has no kill switch: torchrun runs DRIVER below, which wraps the training step, the checkpoint's
+atomic rename or datagen's unit callback from outside and SIGKILLs its own process there, on the first launch
+only (the restarted group runs through), as the OOM killer or a lost node would.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +34,81 @@ DATAGEN_TINY = ROOT / "configs" / "datagen_tiny.yaml"
 TIMEOUT_S = 300  # a hung restart or collective fails the test instead of hanging CI
 STATE = "checkpoints/step_00000004/training_state.pt"
 
+# train_scripts.main as torchrun would run train_scripts.py, plus the kill named in $ELASTIC_KILL (JSON):
+# {"rank_at_step": [rank, k]}: that rank dies once step k (and its checkpoint) is done, as step k + 1 starts;
+# {"while_saving": k}: rank 0 dies with checkpoint k complete in its temporary folder, before the rename;
+# {"rank_after_units": [rank, n]}: datagen's rank dies once it has finished n units in this launch.
+DRIVER = textwrap.dedent("""
+    import contextlib, json, os, signal, sys
+    from pathlib import Path
+    sys.path.insert(0, {root!r})
+    import train_scripts
+    from utils.distributed import restart_count
 
-def _env(**hooks: Any) -> dict[str, str]:
+    kill = json.loads(os.environ["ELASTIC_KILL"])
+
+    def die():
+        if restart_count() == 0:  # a first launch only: the restarted group runs through
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if "rank_at_step" in kill:
+        import training.train as tt
+        rank, k = kill["rank_at_step"]
+        real_step = tt.train_step
+
+        def train_step(s, cfg, batch, cams, done, *a, **kw):
+            if done == k and s.info.rank == rank:
+                die()
+            return real_step(s, cfg, batch, cams, done, *a, **kw)
+        tt.train_step = train_step
+    if "while_saving" in kill:
+        import training.state as st
+        real_dir = st.atomic_directory
+
+        @contextlib.contextmanager
+        def atomic_directory(final, *a, **kw):
+            with real_dir(final, *a, **kw) as tmp:
+                yield tmp
+                if Path(final).name == "step_%08d" % kill["while_saving"]:
+                    die()
+        st.atomic_directory = atomic_directory
+    if "rank_after_units" in kill:
+        import pipelines.datagen as dg
+        rank, n = kill["rank_after_units"]
+        real_run = dg._run
+
+        def run(cfg, device, dist, comps, on_unit_done):
+            done = []
+
+            def unit_done(info):
+                if on_unit_done is not None:
+                    on_unit_done(info)
+                done.append(info)
+                if dist.rank == rank and len(done) == n:
+                    die()
+            return real_run(cfg, device, dist, comps, unit_done)
+        dg._run = run
+    sys.exit(train_scripts.main())
+""")
+
+
+def _env(**kill: Any) -> dict[str, str]:
     # One thread on every rank: bit-identity needs the same CPU kernels in both runs. No leftover torchrun or
     # hook variables from the environment running the tests.
     drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",
             testing_hooks.ENV)
     env = {k: v for k, v in os.environ.items() if k not in drop}
     return {**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
-            **(testing_hooks.env(**hooks) if hooks else {})}
+            **({"ELASTIC_KILL": json.dumps(kill)} if kill else {})}
+
+
+def _entry(tmp: Path, **kill: Any) -> str:
+    """train_scripts.py, or with a `kill` (see DRIVER) the driver that kills from outside, written into `tmp`."""
+    if not kill:
+        return "train_scripts.py"
+    driver = tmp / "elastic_driver.py"
+    driver.write_text(DRIVER.format(root=str(ROOT)))
+    return str(driver)
 
 
 def _torchrun(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -56,10 +126,11 @@ def _torchrun(args: list[str], env: dict[str, str]) -> subprocess.CompletedProce
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def _train(data: Path, exp: Path, **hooks: Any) -> tuple[Path, str]:
-    """The README's torchrun command (plus the restart flags) on the tiny config; (run folder, its output)."""
-    res = _torchrun(["train_scripts.py", "train", "--config", str(TINY), f"data.train_root={data}",
-                     f"exp_dir={exp}", "name=run"], _env(**hooks))
+def _train(data: Path, exp: Path, **kill: Any) -> tuple[Path, str]:
+    """The README's torchrun command (plus the restart flags) on the tiny config, with the `kill` (see DRIVER)
+    if any; (run folder, its output)."""
+    res = _torchrun([_entry(exp, **kill), "train", "--config", str(TINY), f"data.train_root={data}",
+                     f"exp_dir={exp}", "name=run"], _env(**kill))
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-4000:]
     return exp / "run", log
@@ -125,7 +196,7 @@ def reference(data, tmp_path_factory) -> Path:
 def test_killed_rank_restarts_from_the_newest_checkpoint_bit_identical(data, reference, tmp_path):
     """Rank 1 is SIGKILLed after step 3 (checkpoint 2 the newest): torchrun restarts both ranks, which go on
     from step 2 and end as the uninterrupted run, bit for bit; TensorBoard holds every step once."""
-    run, log = _train(data, tmp_path, kill_rank_at_step=[1, 3])
+    run, log = _train(data, tmp_path, rank_at_step=[1, 3])
     assert "exitcode: -9" in log  # the kill happened (torchrun reports the signal)
     assert f"[train] torchrun restart 1: resuming from {run / 'checkpoints' / 'step_00000002'}" in log
     _assert_same_run(run, reference)
@@ -136,7 +207,7 @@ def test_killed_rank_restarts_from_the_newest_checkpoint_bit_identical(data, ref
 def test_checkpoint_being_written_by_a_killed_rank_is_never_chosen(data, reference, tmp_path):
     """Rank 0 dies with checkpoint 4 complete in its temporary folder but not renamed into place: the restart
     resumes from checkpoint 2, not from the half-saved 4, and the run still ends bit-identical."""
-    run, log = _train(data, tmp_path, kill_while_saving=4)
+    run, log = _train(data, tmp_path, while_saving=4)
     assert "exitcode: -9" in log
     assert f"[train] torchrun restart 1: resuming from {run / 'checkpoints' / 'step_00000002'}" in log
     _assert_same_run(run, reference)
@@ -148,7 +219,7 @@ def test_restart_before_the_first_checkpoint_starts_from_scratch(data, reference
     """Rank 0 dies while writing the first checkpoint (step 2, its events already on disk): the restart finds no
     complete checkpoint, trains from scratch and purges what the killed attempt logged, so every step is
     logged once, and the run ends bit-identical."""
-    run, log = _train(data, tmp_path, kill_while_saving=2)
+    run, log = _train(data, tmp_path, while_saving=2)
     assert "exitcode: -9" in log
     assert "[train] torchrun restart 1: no complete checkpoint yet, starting from scratch" in log
     _assert_same_run(run, reference)
@@ -194,8 +265,9 @@ def test_datagen_restarted_by_torchrun_writes_the_same_dataset(tmp_path):
     ref, killed = tmp_path / "reference", tmp_path / "killed"
     res = _torchrun(["-m", "tools.datagen", "--config", str(DATAGEN_TINY), f"output_dir={ref}", one_style], _env())
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    res = _torchrun(["train_scripts.py", "datagen", "--config", str(DATAGEN_TINY), f"output_dir={killed}",
-                     one_style], _env(kill_rank_after_units=[1, 1]))
+    kill = {"rank_after_units": [1, 1]}
+    res = _torchrun([_entry(tmp_path, **kill), "datagen", "--config", str(DATAGEN_TINY), f"output_dir={killed}",
+                     one_style], _env(**kill))
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     assert "exitcode: -9" in res.stderr
 

@@ -257,6 +257,23 @@ def test_editor_options_are_passed_on_to_the_inference(tmp_path: Path):
     assert strip.size[0] == 4 * strip.size[1]  # a reconstruction: input | 3 views, no reference tile
 
 
+def test_inference_run_gets_typed_options_with_inference_args_over_them(tmp_path: Path, monkeypatch):
+    """evaluate hands the inference run an `InferenceOptions` (no argv round trip): its own folders and editor
+    options, the test_scripts.py default checkpoint when it has none, and the words of --inference-args on top."""
+    from tools import inference
+    from tools.editor_options import DEFAULT_CHECKPOINT
+
+    seen = []
+    monkeypatch.setattr(inference, "run_inference", lambda options: seen.append(options) or inference.InferenceReport())
+    main(["--results", str(tmp_path / "res"), "--data-dir", str(tmp_path / "data"), "--random-init", "--tiny",
+          "--precision", "bf16", "--seed", "3", "--inference-args=--precision fp32 --align --yaws 0"])
+    (options,) = seen
+    assert (options.data_dir, options.output_dir) == (str(tmp_path / "data"), str(tmp_path / "res"))
+    assert options.align and options.yaws == [0.0]
+    e = options.editor
+    assert (e.random_init, e.tiny, e.seed, e.precision, e.checkpoint) == (True, True, 3, "fp32", DEFAULT_CHECKPOINT)
+
+
 #: tools/<module>.py → its command-line entry (tools/inference.py is the command `test_scripts.py`)
 TOOL_ENTRIES = {"convert_checkpoint": "main", "datagen": "cli", "demo": "main", "edit_video": "main",
                 "eg3d_samples": "main", "evaluate": "main", "preprocess": "main"}

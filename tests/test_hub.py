@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import ROOT
 from hf_cache import add_to_cache, use_offline_cache
 from models import checkpoint as ck
-from models.hub import HubRef, parse_hub_id, resolve_weights
+from models.checkpoint.hub import HubRef, parse_hub_id, resolve_weights
 from utils.errors import HubWeightsError, MissingWeightsError, UnsafePickleError
 
 
@@ -215,3 +215,19 @@ def test_test_scripts_checkpoint_from_the_hub_cache(tmp_path):
     assert len(lines) == 1 and "Traceback" not in r.stderr
     assert lines[0].startswith("error: no local file or folder 'threedpe-test/absent'")
     assert "hf download threedpe-test/absent" in lines[0]
+
+
+def test_the_early_checkpoint_check_imports_no_torch(tmp_path):
+    """The tools' argument layer (editor_options, the Hub-id check, the shared file names) loads without torch,
+    so `--help` and 'checkpoint not found' come before any heavy import (models.checkpoint imports lazily)."""
+    code = ("import argparse, sys\n"
+            "from models.checkpoint import DEFAULT_CHECKPOINT\n"
+            "from tools.editor_options import CheckpointNotFoundError, check_checkpoint_arg\n"
+            "try:\n"
+            f"    check_checkpoint_arg(argparse.Namespace(random_init=False, checkpoint={str(tmp_path / 'no.pt')!r}))\n"
+            "except CheckpointNotFoundError:\n"
+            "    print(DEFAULT_CHECKPOINT, 'torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["pretrained_models/3dpe.pt", "False"]

@@ -13,7 +13,7 @@ from PIL import Image
 
 from hf_cache import add_to_cache, use_offline_cache
 from models import checkpoint as ck
-from models.model_card import read_model_card, write_model_card
+from models.checkpoint.model_card import read_model_card, write_model_card
 
 PLACEHOLDERS = re.compile(r"\b(TBD|TODO|N/A|None|null|unknown)\b|\?\?")
 
@@ -185,7 +185,7 @@ def test_evaluate_puts_its_figures_in_the_card(tmp_path, monkeypatch, tiny_origi
 
 def test_card_evaluation_leaves_out_strings(tmp_path):
     """Metrics reported as "unavailable" / "not applicable" never reach the card as values."""
-    from models.model_card import _set_evaluation
+    from models.checkpoint.model_card import _set_evaluation
 
     card = {"metadata": {}, "sections": {}, "title": "t"}
     _set_evaluation(card, {"mean": {"lpips": 0.25, "identity": "unavailable", "clip_direction": "not applicable"},

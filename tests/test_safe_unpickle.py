@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.safe_unpickle import (
+from models.checkpoint.safe_unpickle import (
     ALLOWED_GLOBALS,
     ORIGINAL_NAMES_PICKLE_MODULE,
     EasyDict,

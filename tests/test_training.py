@@ -2,13 +2,16 @@
 loadable snapshots, and a 2-process gloo DDP run whose ranks stay identical."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -57,6 +60,26 @@ def tiny_config(data: Path, exp: Path, name: str, *overrides: str):
     return load_config(TrainConfig, TINY, [f"data.train_root={data}", f"exp_dir={exp}", f"name={name}", *overrides])
 
 
+@contextlib.contextmanager
+def sigterm_at_step(k: int) -> Iterator[None]:
+    """SIGTERM this process as the loop starts step `k` (1-based), from outside the product code, as a
+    cluster's scheduler would: the loop's StopOnSignal finishes step k, saves it and stops."""
+    import training.train as tt
+
+    real = tt.train_step
+
+    def step(s, cfg, batch, cams, done, *rest, **kw):  # `done`: the steps finished before this one
+        if done + 1 == k:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(s, cfg, batch, cams, done, *rest, **kw)
+
+    tt.train_step = step
+    try:
+        yield
+    finally:
+        tt.train_step = real
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """An uninterrupted 4-step run, and the same run stopped after step 2 and resumed.
@@ -64,12 +87,11 @@ def runs(tmp_path_factory):
     4 portraits, 1 held out → 6 pairs → 3 steps per epoch: the resumed part crosses an epoch boundary.
     """
     from training.train import main
-    from utils import testing_hooks
 
     tmp = tmp_path_factory.mktemp("train")
     data = make_tiny_dataset(tmp / "data", n_portraits=4)
     full = main(tiny_config(data, tmp / "exps", "full"))
-    with testing_hooks.enabled(stop_after=2):  # killed after step 2
+    with sigterm_at_step(2):  # stopped after step 2, as a scheduler stops a job
         stopped = main(tiny_config(data, tmp / "exps", "resumed"))
     stopped_state = _state(stopped.encoder)
     resumed = main(tiny_config(data, tmp / "exps", "resumed", "resume=auto"))
@@ -84,6 +106,7 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_resume_is_bit_exact(runs):
     full, stopped, resumed = runs["full"], runs["stopped"], runs["resumed"]
     assert stopped.stopped and stopped.step == 2 and resumed.step == 4 and full.step == 4
+    assert stopped.signal == signal.SIGTERM and not resumed.stopped
     a, b = _state(full.encoder), _state(resumed.encoder)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "student differs after resume"
@@ -284,7 +307,7 @@ def test_checkpointed_rendering_gives_the_same_gradients(monkeypatch):
 
     import torch.utils.checkpoint
 
-    from training.setup import Student
+    from training.student import Student
 
     enc, ren, params, (img, ref, cams) = tiny_student_problem()
 
@@ -325,7 +348,7 @@ def test_clip_student_takes_text_or_reference_per_sample():
     from models.editing.editing_encoder import EditingEncoder, EditingEncoderConfig
     from models.eg3d.config import RendererConfig
     from models.eg3d.triplane_renderer import TriplaneRenderer
-    from training.setup import Student
+    from training.student import Student
 
     torch.manual_seed(0)
     enc = EditingEncoder(EditingEncoderConfig.tiny("clip")).eval()

@@ -49,7 +49,7 @@ def convert(src: str | Path, dst: str | Path, to: str = "threedpe", config: dict
 
 def _convert(src: str | Path, dst: str | Path, to: str, config: dict | None) -> tuple[Path, str]:
     from models import checkpoint as ck
-    from models.model_card import write_conversion_card
+    from models.checkpoint.model_card import write_conversion_card
 
     if to not in TARGETS:
         raise ValueError(f"--to must be one of {TARGETS}, got {to!r}")
@@ -61,7 +61,7 @@ def _convert(src: str | Path, dst: str | Path, to: str, config: dict | None) -> 
             ck.build_models(ckpt, components=assumed, device="meta")
     if to == "threedpe":
         out = ck.save_pretrained(dst, ckpt.components, ckpt.model_type, ck.config_dicts(ckpt), ck.source_info(ckpt))
-        write_conversion_card(out, ckpt, src)  # README.md: licence, source sha256 (models/model_card.py)
+        write_conversion_card(out, ckpt, src)  # README.md: licence, source sha256 (models/checkpoint/model_card.py)
     elif to == "3dpe-pt":
         out = ck.export_3dpe_pt(ckpt, _target_file(dst, to))
     else:

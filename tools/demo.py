@@ -17,7 +17,6 @@ import math
 import sys
 import tempfile
 import threading
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.portraits import Portrait, PortraitPreparer
 from tools.editor_options import add_editor_arguments, editor_from_args
 
 GRADIO_MISSING = (
@@ -40,17 +40,6 @@ def import_gradio() -> Any:
     except ImportError as e:
         raise ImportError(GRADIO_MISSING) from e
     return gr
-
-
-def _as_pil(image: Any) -> Image.Image:
-    """PIL image, uint8 H×W×3 array, float tensor in [-1,1] or a file path → RGB PIL image."""
-    if isinstance(image, (str, Path)):
-        from utils.image_io import load_image
-
-        return load_image(image)
-    from utils.image_io import to_pil, to_rgb
-
-    return to_rgb(to_pil(image))
 
 
 def _image_key(img: Image.Image) -> str:
@@ -75,8 +64,8 @@ class DemoSession:
         input_size: int | None = None,
     ):
         self.editor = editor
-        self.input_size = int(input_size or editor.input_resolution)  # side of the aligned portrait
-        self._detector = detector
+        self._prepare = PortraitPreparer.for_editor(editor, input_size, align=True, detector=detector)
+        self.input_size = self._prepare.size  # side of the aligned portrait
         self.view_yaws_deg = tuple(view_yaws_deg)
         self.orbit_frames = int(orbit_frames)
         self.orbit_fps = float(orbit_fps)
@@ -116,63 +105,45 @@ class DemoSession:
     # ------------------------------------------------------------------ inputs
     @property
     def detector(self) -> Any:
-        if self._detector is None:
-            from utils.face_alignment import MTCNNDetector
+        """The face detector (MTCNN on the editor's device unless one was given; made on first use)."""
+        return self._prepare.detector
 
-            self._detector = MTCNNDetector(device=self.editor.device)
-        return self._detector
-
-    def _align(self, image: Any, what: str) -> tuple[Image.Image, str]:
+    def _align(self, image: Any, what: str) -> tuple[Portrait, str]:
         """EG3D crop of the main face at the encoder's resolution; a centre crop if no face is found."""
-        from datasets.inference_inputs import prepare_portrait
-        from utils.errors import NoFaceError
-        from utils.face_alignment import align_face
-
-        img = _as_pil(image)
-        res = self.input_size
-        try:
-            aligned = align_face(img, self.detector, output_size=res)[0]
-            return aligned.image, f"{what}: face found (score {aligned.score:.3f}) and aligned to the EG3D crop."
-        except NoFaceError:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                crop = prepare_portrait(img, res, name=what)
-            return crop, (f"{what}: no face found; using a centre crop (results are best on a clear, "
+        portrait = self._prepare(image, needs_face=False, name=what)
+        if portrait.aligned:
+            return portrait, f"{what}: face found (score {portrait.face_score:.3f}) and aligned to the EG3D crop."
+        return portrait, (f"{what}: no face found; using a centre crop (results are best on a clear, "
                           "roughly frontal face).")
 
     def set_portrait(self, image: Any) -> Image.Image:
         """Align and keep the portrait (PIL / uint8 array / path). Returns the aligned R×R RGB image;
         `self.message` says whether a face was found or a centre crop was used."""
-        from utils.image_io import pil_to_tensor
-
         with self.lock:
             aligned, self.message = self._align(image, "portrait")
-            key = _image_key(aligned)
+            key = _image_key(aligned.image)
             if key != self._portrait_key:
-                self.portrait_image = aligned
-                self.portrait = pil_to_tensor(aligned)
+                self.portrait_image = aligned.image
+                self.portrait = aligned.tensor
                 self._portrait_key = key
                 self.planes = None
-            return aligned
+            return aligned.image
 
     def set_prompt(self, reference: Any | None = None, text: str | None = None) -> None:
         """Set the edit: a reference image (aligned like the portrait) and/or a text. The encoded prompt
         and triplane are kept if the prompt did not change."""
-        from utils.image_io import pil_to_tensor
-
         text = text.strip() if isinstance(text, str) and text.strip() else None
         with self.lock:
-            ref_key = None
+            ref, ref_key = None, None
             if reference is not None:
-                ref_img, msg = self._align(reference, "reference")
-                ref_key = _image_key(ref_img)
-                self.message = msg
+                ref, self.message = self._align(reference, "reference")
+                ref_key = _image_key(ref.image)
             key = (ref_key, text)
             if key == self._prompt_key:
                 return
             if self.editor.is_editing and reference is None and text is None:
                 raise ValueError("give a reference image or a text prompt")
-            self.reference = None if reference is None else pil_to_tensor(ref_img)
+            self.reference = None if ref is None else ref.tensor
             self.text = text
             self._prompt_key = key
             self._embedding = None
@@ -180,29 +151,25 @@ class DemoSession:
 
     # ------------------------------------------------------------------ encode / render
     def _encode(self) -> torch.Tensor:
-        """Edited (or reconstructed) triplane of the portrait, cached per (portrait, prompt)."""
+        """Edited (or reconstructed) triplane of the portrait, cached per (portrait, prompt); the prompt
+        embedding is kept for the next portrait when the editor says it can be (`EditResult.reusable_prompt`)."""
         if self.portrait is None:
             raise ValueError("set a portrait first")
         key = (self._portrait_key, self._prompt_key)
         if self.planes is not None and self._planes_key == key:
             return self.planes
         ed = self.editor
-        if ed.is_editing:
-            if self._prompt_key is None:
-                raise ValueError("set a reference image or a text prompt first")
-            # An embedding that depends on the portrait (text through InstructPix2Pix) is remade for it.
-            if self._embedding is None or ed.prompt_is_per_input(self.text):
-                self._embedding = ed.prompt(image=self.portrait, reference=self.reference, text=self.text)
-            ref = getattr(self._embedding, "reference", None)
-            if ref is not None:
-                from utils.image_io import to_pil
+        if ed.is_editing and self._prompt_key is None:
+            raise ValueError("set a reference image or a text prompt first")
+        prompt = dict(reference=self.reference, text=self.text, prompt=self._embedding) if ed.is_editing else {}
+        result = ed(self.portrait, **prompt)
+        self._embedding = result.reusable_prompt
+        if result.reference(0) is not None:
+            from utils.image_io import to_pil
 
-                self.prompt_reference = to_pil(ref[:1].cpu())
-            planes = ed.edit(self.portrait, self._embedding)
-        else:
-            planes = ed.reconstruct(self.portrait)
+            self.prompt_reference = to_pil(result.reference(0).cpu())
         self.encode_count += 1
-        self.planes, self._planes_key = planes[:1], key
+        self.planes, self._planes_key = result.triplanes[:1], key
         return self.planes
 
     def _render(self, cameras: torch.Tensor) -> torch.Tensor:

@@ -22,13 +22,18 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-
-from pipelines.video_edit import CAMERA_MODES, NO_FACE_MODES, PromptLike, VideoEditConfig, VideoEditSummary, edit_video
+from pipelines.portraits import PortraitPreparer
+from pipelines.video_edit import CAMERA_MODES, NO_FACE_MODES, VideoEditConfig, VideoEditSummary, edit_video
 from tools.editor_options import add_editor_arguments, editor_from_args
 
-__all__ = ["VideoEditConfig", "VideoEditSummary", "build_prompt", "edit_video", "main", "parse_args", "run"]
+if TYPE_CHECKING:
+    import torch
+
+    from pipelines.editor import PortraitEditor
+
+__all__ = ["VideoEditConfig", "VideoEditSummary", "edit_video", "main", "parse_args", "run", "video_prompt"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -62,29 +67,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_prompt(editor: Any, ref: str | Path | None, text: str | None, size: int | None = None) -> PromptLike:
-    """The prompt for `edit_video`: an embedding computed now (reference image, centre-cropped and
-    resized to `size` or the editor's input resolution; CLIP text), a callable that edits the first
-    aligned face with InstructPix2Pix (text + MAE checkpoint), or None (reconstruction)."""
+def video_prompt(editor: PortraitEditor, ref: str | Path | None, text: str | None,
+                 size: int | None = None) -> tuple[torch.Tensor | None, str | None]:
+    """The edit `edit_video` is given: (reference 1×3×R×R, None) for --ref (centre-cropped and resized to `size` or
+    the editor's input resolution, not aligned), (None, text) for --prompt, (None, None) for a reconstruction
+    checkpoint (which ignores a prompt, with a warning). The editor encodes it on its first call."""
     if not editor.is_editing:
         if ref is not None or text is not None:
             print("warning: this checkpoint reconstructs (Live3D); the prompt is ignored", file=sys.stderr)
-        return None
+        return None, None
     if ref is None and text is None:
         raise ValueError("this checkpoint edits: give --ref IMAGE or --prompt TEXT")
-    if ref is not None:
-        import warnings
-
-        from datasets.inference_inputs import prepare_portrait
-        from utils.image_io import load_image, pil_to_tensor
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            img = prepare_portrait(load_image(ref), size or editor.input_resolution, name=str(ref))
-        return editor.prompt(reference=pil_to_tensor(img))
-    if editor.prompt_is_per_input(text):  # the bridge edits the first aligned face; that edit serves every frame
-        return lambda first_face: editor.prompt(image=first_face, text=text)
-    return editor.prompt(text=text)
+    if ref is None:
+        return None, text
+    return PortraitPreparer.for_editor(editor, size)(ref).tensor, None
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -111,14 +107,14 @@ def run(argv: list[str] | None = None) -> dict:
         report_user_error(e)
         return {"ok": False, "error": str(e), "output": args.out, "exit_code": 2}
     try:
-        prompt = build_prompt(editor, args.ref, args.prompt, args.input_size)
+        reference, text = video_prompt(editor, args.ref, args.prompt, args.input_size)
         cfg = VideoEditConfig(camera=args.camera, yaw=args.yaw, pitch=args.pitch, orbit_frames=args.orbit_frames,
                               batch_size=args.batch_size, smooth_radius=args.smooth_radius, no_face=args.no_face,
                               side_by_side=args.side_by_side, max_frames=args.max_frames,
                               input_size=args.input_size)
         detector = MTCNNDetector(device=editor.device, min_confidence=args.min_confidence)
-        summary = edit_video(args.video, args.out, editor, prompt, detector, cfg,
-                             progress=not args.no_progress).to_dict()
+        summary = edit_video(args.video, args.out, editor, None, detector, cfg, progress=not args.no_progress,
+                             reference=reference, text=text).to_dict()
     except (ThreeDPEError, ValueError, OSError) as e:
         return fail(str(e), getattr(e, "details", ""))
     print(json.dumps(summary))

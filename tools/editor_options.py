@@ -3,33 +3,38 @@
     p = argparse.ArgumentParser(...)
     add_editor_arguments(p)          # --checkpoint --device --precision --channels-last --compile --seed --random-init
                                      # --random-init-kind --prompt-encoder --tiny, and the --ip2p-* bridge group
-    args = p.parse_args(argv)
+    options = EditorOptions.from_args(p.parse_args(argv))   # typed: what the code below the tools is given
     try:
-        editor = editor_from_args(args, needs_text=args.prompt is not None)
+        editor = options.build(needs_text=args.prompt is not None)
     except ThreeDPEError as e:       # a missing checkpoint, a Hub id that cannot be had: one line, exit 2
         return report_user_error(e)
 
 test_scripts.py (tools/inference.py), tools/demo.py, tools/edit_video.py and tools/evaluate.py all declare their
-editor options here, so a new option lands in every tool at once.
+editor options here, so a new option lands in every tool at once. `EditorOptions` is the one truth of their names
+and defaults: the flags are its fields (`random_init_kind` ↔ `--random-init-kind`), their defaults its defaults.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Literal
 
+from models.checkpoint.files import DEFAULT_CHECKPOINT
 from utils.errors import MissingWeightsError, ThreeDPEError
 
 if TYPE_CHECKING:
     from pipelines.editor import PortraitEditor
+    from pipelines.instruct_pix2pix import InstructPix2PixConfig, LazyInstructPix2Pix
 
-DEFAULT_CHECKPOINT = "pretrained_models/3dpe.pt"
 CHECKPOINT_HELP = (
     "Download 3dpe.pt from the original authors' release (see README 'Pretrained models': "
     "https://github.com/EzioBy/3dpe) and place it in pretrained_models/, or pass --checkpoint PATH "
     "(a Live3D encoder_render_*.pt, a project checkpoint folder or a Hugging Face Hub id ORG/NAME also works). "
     "Use --random-init to test the install without weights."
 )
+RANDOM_INIT_WARNING = ("WARNING: --random-init: random weights; the views come out as one flat colour without a "
+                       "face (this only checks the install).")
 
 
 class CheckpointNotFoundError(MissingWeightsError):
@@ -40,111 +45,140 @@ class CheckpointNotFoundError(MissingWeightsError):
         ThreeDPEError.__init__(self, f"checkpoint '{path}' not found. {CHECKPOINT_HELP}")
 
 
+@dataclass
+class EditorOptions:
+    """The editor the shared options describe, typed: tools hand this (never argv) to the code below them.
+
+    A field per option (`--ip2p-image-guidance` ↔ `ip2p_image_guidance`), with the option's default. The
+    `ip2p_*` defaults are `InstructPix2PixConfig`'s (tests/test_editor_front.py keeps them equal; this module
+    loads without torch, so it cannot import them). `ip2p_model` None: the default weights, never downloaded.
+    """
+
+    checkpoint: str | None = DEFAULT_CHECKPOINT
+    device: str | None = None
+    precision: Literal["fp32", "bf16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    random_init: bool = False
+    random_init_kind: Literal["edit", "reconstruct"] = "edit"
+    prompt_encoder: Literal["mae", "clip"] = "mae"
+    tiny: bool = False
+    ip2p_model: str | None = None
+    ip2p_steps: int = 20
+    ip2p_guidance: float = 7.5
+    ip2p_image_guidance: float = 1.5
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EditorOptions:
+        """The options `add_editor_arguments` declared, read from parsed `args`."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+    def check_checkpoint(self) -> None:
+        """`check_checkpoint_arg` of these options (a file-system check, before anything slow)."""
+        check_checkpoint_arg(self)
+
+    def describe(self) -> str:
+        """What `build` will load, in words (for the 'loading' status line)."""
+        if self.random_init:
+            size = "tiny" if self.tiny else "full-size"
+            return f"random weights ({size} {'3DPE editor' if self.random_init_kind == 'edit' else 'Live3D'})"
+        return str(self.checkpoint)
+
+    def instruct_pix2pix(self) -> InstructPix2PixConfig:
+        """The InstructPix2Pix bridge's settings (`--ip2p-*`, `--seed`)."""
+        from pipelines.instruct_pix2pix import DEFAULT_HUB_ID, InstructPix2PixConfig
+
+        return InstructPix2PixConfig(model=self.ip2p_model or DEFAULT_HUB_ID, steps=self.ip2p_steps,
+                                     guidance_scale=self.ip2p_guidance,
+                                     image_guidance_scale=self.ip2p_image_guidance, seed=self.seed)
+
+    def text_bridge(self, device: Any = None) -> LazyInstructPix2Pix:
+        """The InstructPix2Pix bridge (loaded on first use); only a `--ip2p-model` given may be downloaded."""
+        from pipelines.instruct_pix2pix import LazyInstructPix2Pix
+
+        return LazyInstructPix2Pix(self.instruct_pix2pix(), device=device, allow_download=self.ip2p_model is not None)
+
+    def build(self, needs_text: bool, warn_random_init: bool = True) -> PortraitEditor:
+        """The `PortraitEditor` these options describe: random weights (--random-init) or a checkpoint.
+
+        Seeds torch with `seed` first, so random weights and anything random afterwards repeat. `needs_text`:
+        give the editor the InstructPix2Pix bridge (its weights load on the first text edit with a MAE
+        checkpoint). Raises `CheckpointNotFoundError` for a checkpoint that is not there and another
+        `ThreeDPEError` for a Hub id that cannot be had or a file that is no editor checkpoint: every tool
+        reports it with `utils.errors.report_user_error` (one line, exit status 2). `warn_random_init`: print
+        `RANDOM_INIT_WARNING` on stderr for --random-init (a tool that printed it already passes False).
+        """
+        import torch
+
+        from pipelines.editor import PortraitEditor
+        from utils.device import resolve_device
+
+        device = resolve_device(self.device)
+        torch.manual_seed(self.seed)
+        common = dict(device=device, precision=self.precision, channels_last=self.channels_last,
+                      text_bridge=self.text_bridge(device) if needs_text else None, compile=self.compile)
+        if self.random_init:
+            editor = PortraitEditor.random_init(kind=self.random_init_kind, tiny=self.tiny, seed=self.seed,
+                                                prompt_encoder=self.prompt_encoder, **common)
+            if warn_random_init:
+                print(RANDOM_INIT_WARNING, file=sys.stderr)
+            return editor
+        self.check_checkpoint()  # a Hub id is checked by from_pretrained
+        return PortraitEditor.from_pretrained(self.checkpoint, **common)
+
+
 #: every option `add_editor_arguments` declares (tests check that each tool has all of them)
-EDITOR_FLAGS = (
-    "--checkpoint", "--device", "--precision", "--channels-last", "--compile", "--seed", "--random-init", "--random-init-kind",
-    "--prompt-encoder", "--tiny", "--ip2p-model", "--ip2p-steps", "--ip2p-guidance", "--ip2p-image-guidance",
-)
+EDITOR_FLAGS = tuple(f"--{f.name.replace('_', '-')}" for f in fields(EditorOptions))
 
 
 def add_editor_arguments(
     parser: argparse.ArgumentParser,
     *,
-    checkpoint_default: str | None = DEFAULT_CHECKPOINT,
+    defaults: EditorOptions | None = None,
     checkpoint_help: str = "3dpe.pt, a Live3D .pt, a project checkpoint dir, or a Hub id ORG/NAME[@REV][/FILE]",
 ) -> None:
-    """Declare the shared editor options (`EDITOR_FLAGS`) on `parser`.
-
-    `checkpoint_default`/`checkpoint_help` let a tool whose checkpoint is optional (tools/evaluate.py) say so.
-    """
+    """Declare the shared editor options (`EDITOR_FLAGS`) on `parser`, with the defaults of `defaults`
+    (`EditorOptions()`; tools/evaluate.py, whose checkpoint is optional, passes `checkpoint=None`)."""
+    d = defaults or EditorOptions()
     p = parser
-    p.add_argument("--checkpoint", default=checkpoint_default, help=checkpoint_help)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: opt-in speed mode")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format for the conv weights")
-    p.add_argument("--compile", action="store_true",
+    p.add_argument("--checkpoint", default=d.checkpoint, help=checkpoint_help)
+    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision, help="bf16: opt-in speed mode")
+    p.add_argument("--channels-last", action="store_true", default=d.channels_last,
+                   help="channels-last memory format for the conv weights")
+    p.add_argument("--compile", action="store_true", default=d.compile,
                    help="torch.compile the encoder and renderer: the first call of each input size compiles "
                         "(minutes on a CPU), later ones run faster; pays off over many images (docs/benchmarks.md)")
-    p.add_argument("--seed", type=int, default=0, help="seed for anything random (InstructPix2Pix, random init)")
-    p.add_argument("--random-init", action="store_true",
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed for anything random (InstructPix2Pix, random init)")
+    p.add_argument("--random-init", action="store_true", default=d.random_init,
                    help="random weights: checks the install without any weight file (the views come out as one "
                         "flat colour, no face)")
-    p.add_argument("--random-init-kind", choices=["edit", "reconstruct"], default="edit",
+    p.add_argument("--random-init-kind", choices=["edit", "reconstruct"], default=d.random_init_kind,
                    help="with --random-init: a 3DPE editor or a Live3D reconstructor")
-    p.add_argument("--prompt-encoder", choices=["mae", "clip"], default="mae", help="with --random-init")
-    p.add_argument("--tiny", action="store_true", help="with --random-init: tiny models (smoke tests)")
+    p.add_argument("--prompt-encoder", choices=["mae", "clip"], default=d.prompt_encoder, help="with --random-init")
+    p.add_argument("--tiny", action="store_true", default=d.tiny, help="with --random-init: tiny models (smoke tests)")
     g = p.add_argument_group("InstructPix2Pix bridge (text prompts with a MAE checkpoint such as 3dpe.pt)")
-    g.add_argument("--ip2p-model", default=None,
+    g.add_argument("--ip2p-model", default=d.ip2p_model,
                    help="diffusers folder or Hub id (default: pretrained_models/instruct-pix2pix, else "
                         "timbrooks/instruct-pix2pix from the Hugging Face cache; get it with `hf download "
                         "timbrooks/instruct-pix2pix --local-dir pretrained_models/instruct-pix2pix`)")
-    g.add_argument("--ip2p-steps", type=int, default=20)
-    g.add_argument("--ip2p-guidance", type=float, default=7.5)
-    g.add_argument("--ip2p-image-guidance", type=float, default=1.5)
+    g.add_argument("--ip2p-steps", type=int, default=d.ip2p_steps)
+    g.add_argument("--ip2p-guidance", type=float, default=d.ip2p_guidance)
+    g.add_argument("--ip2p-image-guidance", type=float, default=d.ip2p_image_guidance)
 
 
-def editor_argv(args: argparse.Namespace) -> list[str]:
-    """The shared options of `args` that differ from their defaults (and are set), as command-line words:
-    how one tool passes its editor options on to another tool's parser (tools/evaluate.py → inference)."""
-    defaults = argparse.ArgumentParser(add_help=False)
-    add_editor_arguments(defaults)
-    out: list[str] = []
-    for flag in EDITOR_FLAGS:
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is None or value is False or value == defaults.get_default(flag[2:].replace("-", "_")):
-            continue
-        out += [flag] if value is True else [flag, str(value)]
-    return out
+def check_checkpoint_arg(options: Any) -> None:
+    """Raise `CheckpointNotFoundError` when the checkpoint (without random init) is neither a local path nor a
+    Hub id: a file-system check only, so a tool can make it before anything slow. `options`: `EditorOptions`
+    or parsed args (anything with `.checkpoint` and `.random_init`)."""
+    from models.checkpoint.hub import is_local_or_hub
 
-
-def check_checkpoint_arg(args: argparse.Namespace) -> None:
-    """Raise `CheckpointNotFoundError` when --checkpoint (without --random-init) is neither a local path nor a
-    Hub id: a file-system check only, so a tool can make it before anything slow."""
-    from models.hub import is_local_or_hub
-
-    if not args.random_init and (args.checkpoint is None or not is_local_or_hub(args.checkpoint)):
-        raise CheckpointNotFoundError(args.checkpoint)
-
-
-def describe_editor_source(args: argparse.Namespace) -> str:
-    """What `editor_from_args` will load, in words (for the 'loading' status line)."""
-    if args.random_init:
-        size = "tiny" if args.tiny else "full-size"
-        return f"random weights ({size} {'3DPE editor' if args.random_init_kind == 'edit' else 'Live3D'})"
-    return str(args.checkpoint)
-
-
-RANDOM_INIT_WARNING = ("WARNING: --random-init: random weights; the views come out as one flat colour without a "
-                       "face (this only checks the install).")
+    if not options.random_init and (options.checkpoint is None or not is_local_or_hub(options.checkpoint)):
+        raise CheckpointNotFoundError(options.checkpoint)
 
 
 def editor_from_args(args: argparse.Namespace, needs_text: bool, warn_random_init: bool = True) -> PortraitEditor:
-    """The `PortraitEditor` the shared options describe: random weights (--random-init) or a checkpoint.
-
-    Seeds torch with --seed first, so random weights and anything random afterwards repeat. `needs_text`:
-    give the editor the InstructPix2Pix bridge (from the --ip2p-* options; its weights load on the first
-    text edit with a MAE checkpoint). Raises `CheckpointNotFoundError` for a checkpoint that is not there and
-    another `ThreeDPEError` for a Hub id that cannot be had or a file that is no editor checkpoint: every tool
-    reports it with `utils.errors.report_user_error` (one line, exit status 2). `warn_random_init`: print
-    `RANDOM_INIT_WARNING` on stderr for --random-init (a tool that printed it already passes False).
-    """
-    import torch
-
-    from pipelines.editor import PortraitEditor
-    from pipelines.instruct_pix2pix import bridge_from_args
-    from utils.device import resolve_device
-
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
-    bridge = bridge_from_args(args, device) if needs_text else None
-    if args.random_init:
-        editor = PortraitEditor.random_init(kind=args.random_init_kind, tiny=args.tiny, seed=args.seed,
-                                            prompt_encoder=args.prompt_encoder, device=device,
-                                            precision=args.precision, channels_last=args.channels_last,
-                                            text_bridge=bridge, compile=args.compile)
-        if warn_random_init:
-            print(RANDOM_INIT_WARNING, file=sys.stderr)
-        return editor
-    check_checkpoint_arg(args)  # a Hub id is checked by from_pretrained
-    return PortraitEditor.from_pretrained(args.checkpoint, device=device, precision=args.precision,
-                                          channels_last=args.channels_last, text_bridge=bridge, compile=args.compile)
+    """`EditorOptions.from_args(args).build(...)`: the editor of a tool's parsed shared options."""
+    return EditorOptions.from_args(args).build(needs_text, warn_random_init=warn_random_init)

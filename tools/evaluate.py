@@ -18,15 +18,19 @@ import re
 import shlex
 import statistics
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from tools.editor_options import add_editor_arguments, editor_argv
+from models.checkpoint.files import CONFIG_FILE, DEFAULT_CHECKPOINT
+from tools.editor_options import EditorOptions, add_editor_arguments
 from utils.atomic import atomic_write_text
 from utils.errors import MissingWeightsError
+
+if TYPE_CHECKING:
+    from tools.inference import InferenceOptions
 
 DEFAULT_SOURCE_CAPTION = "a photo of a person"
 NOT_APPLICABLE = "not applicable"  # the metric does not apply to this input (no prompt / reference, one view)
@@ -225,8 +229,19 @@ class InferenceRun:
         return d
 
 
-def run_timed_inference(argv: list[str]) -> InferenceRun:
-    """Run the inference command (tools/inference.py, what test_scripts.py runs) with `argv` in this process.
+def inference_options(args: argparse.Namespace) -> InferenceOptions:
+    """The inference run `main` times: its own data and results folders and editor options (typed: no argv round
+    trip; no --checkpoint means test_scripts.py's default), with the words of --inference-args over them, parsed
+    as test_scripts.py parses its command line (argparse exits on words it rejects)."""
+    from tools.inference import InferenceOptions, parse_args
+
+    editor = replace(EditorOptions.from_args(args), checkpoint=args.checkpoint or DEFAULT_CHECKPOINT)
+    defaults = InferenceOptions(data_dir=str(Path(args.data_dir)), output_dir=str(Path(args.results)), editor=editor)
+    return parse_args(shlex.split(args.inference_args or ""), defaults=defaults)
+
+
+def run_timed_inference(options: InferenceOptions) -> InferenceRun:
+    """Run the inference command (tools/inference.py, what test_scripts.py runs) with `options` in this process.
 
     Each input's time is the one `tools.inference.run_inference` records: its encode prompt + edit (or
     reconstruct) + render, CUDA synchronised, without model loading, image reading/aligning or file writing. A
@@ -236,10 +251,7 @@ def run_timed_inference(argv: list[str]) -> InferenceRun:
     from utils.errors import ThreeDPEError
 
     try:
-        report = inference.run_inference(inference.parse_args(argv))
-    except SystemExit as e:  # argparse rejected the arguments (its message is already printed)
-        return InferenceRun(exit_code=e.code if isinstance(e.code, int) and e.code else 2,
-                            error="bad inference arguments")
+        report = inference.run_inference(options)
     except ThreeDPEError as e:  # a user error: its message, on one line
         return InferenceRun(exit_code=2, error=" ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()))
     except Exception as e:  # a crash is a failed run, reported as such
@@ -250,6 +262,17 @@ def run_timed_inference(argv: list[str]) -> InferenceRun:
         run.error = (f"inference exited with status {run.exit_code}"
                      + (f"; {len(run.errors)} input(s) failed or skipped" if run.errors else ""))
     return run
+
+
+def _timed_run(args: argparse.Namespace) -> InferenceRun:
+    """`run_timed_inference` of `inference_options(args)`; words of --inference-args that argparse rejects (its
+    message is already printed) make a failed run."""
+    try:
+        options = inference_options(args)
+    except SystemExit as e:
+        return InferenceRun(exit_code=e.code if isinstance(e.code, int) and e.code else 2,
+                            error="bad inference arguments")
+    return run_timed_inference(options)
 
 
 def load_results_folder(results: Path, data_dir: Path, source_caption: str = DEFAULT_SOURCE_CAPTION,
@@ -291,15 +314,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clip-weights", default=None, help="open_clip checkpoint (default pretrained_models/open_clip_vit_b16.bin)")
     ap.add_argument("--id-weights", default="pretrained_models/model_ir_se50.pth")
     ap.add_argument("--lpips-dir", default="pretrained_models")
-    add_editor_arguments(ap, checkpoint_default=None,
+    add_editor_arguments(ap, defaults=EditorOptions(checkpoint=None),
                          checkpoint_help="run test_scripts.py with this checkpoint (or --random-init) first and time "
                                          "it; the other editor options below are passed on to that run")
     args = ap.parse_args(argv)
     results, data_dir = Path(args.results), Path(args.data_dir)
     run: InferenceRun | None = None
     if args.checkpoint or args.random_init or args.inference_args is not None:
-        run = run_timed_inference(editor_argv(args) + ["--data-dir", str(data_dir), "--output-dir", str(results)]
-                                  + shlex.split(args.inference_args or ""))
+        run = _timed_run(args)
         if not run.ok:
             print(f"error: inference failed: {run.error}", file=sys.stderr)
     samples = load_results_folder(results, data_dir, args.source_caption, args.target_caption, args.frontal_view) \
@@ -321,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"error: cannot write the report in '{results}': {e.strerror or e}", file=sys.stderr)
         return 1
-    if args.checkpoint and (Path(args.checkpoint) / "config.json").is_file():  # a local project folder: its card
-        from models.model_card import update_evaluation
+    if args.checkpoint and (Path(args.checkpoint) / CONFIG_FILE).is_file():  # a local project folder: its card
+        from models.checkpoint.model_card import update_evaluation
 
         measured = {k: v for k, v in result["mean"].items() if not isinstance(v, str)}  # not N/A or unavailable
         card = update_evaluation(args.checkpoint, {**result, "mean": measured, "data": str(data_dir),

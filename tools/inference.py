@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tools.editor_options import add_editor_arguments, editor_from_args
+from tools.editor_options import EditorOptions, add_editor_arguments
+
+if TYPE_CHECKING:
+    from pipelines.editor import EditResult, PortraitEditor
 
 
 def _prog() -> str:
@@ -29,32 +33,70 @@ def _prog() -> str:
     return "python -m tools.inference" if Path(sys.argv[0]).name == "inference.py" else "test_scripts.py"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass
+class InferenceOptions:
+    """What `run_inference` does: the command's options, typed (a field per option, with its default).
+
+    `editor` holds the shared editor options (tools/editor_options.py).
+    """
+
+    data_dir: str = "test_imgs"
+    output_dir: str = "results"
+    ref: str | None = None
+    prompt: str | None = None
+    prompts_file: str | None = None
+    yaws: list[float] = field(default_factory=lambda: [-30.0, 0.0, 30.0])
+    pitch: float = 0.0
+    video: bool = False
+    video_frames: int = 288
+    video_fps: float = 60.0
+    mesh: bool = False
+    mesh_resolution: int = 256
+    mesh_level: float | None = None
+    save_triplane: bool = False
+    align: bool = False
+    batch_size: int = 1
+    skip_existing: bool = False
+    editor: EditorOptions = field(default_factory=EditorOptions)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> InferenceOptions:
+        own = {f.name: getattr(args, f.name) for f in fields(cls) if f.name != "editor"}
+        return cls(**own, editor=EditorOptions.from_args(args))
+
+
+def parse_args(argv: list[str] | None = None, defaults: InferenceOptions | None = None) -> InferenceOptions:
+    """The command line → `InferenceOptions`. `defaults`: what an option left out means (tools/evaluate.py
+    passes its own data folder and editor options, which words in `argv` still override)."""
+    d = defaults or InferenceOptions()
     p = argparse.ArgumentParser(prog=_prog(), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default="test_imgs", help="folder with input/ (and ref/, prompts.txt)")
-    p.add_argument("--output-dir", default="results")
-    p.add_argument("--ref", default=None, help="one reference image applied to every input")
-    p.add_argument("--prompt", default=None, help="one text prompt applied to every input")
-    p.add_argument("--prompts-file", default=None, help="lines 'stem<TAB>prompt' (a line without TAB applies to all)")
-    p.add_argument("--yaws", type=float, nargs="+", default=[-30.0, 0.0, 30.0], help="view yaws in degrees from frontal")
-    p.add_argument("--pitch", type=float, default=0.0, help="view pitch in degrees from level")
-    p.add_argument("--video", action="store_true", help="write <stem>_orbit.mp4")
-    p.add_argument("--video-frames", type=int, default=288)
-    p.add_argument("--video-fps", type=float, default=60.0)
-    p.add_argument("--mesh", action="store_true", help="write <stem>.ply (marching cubes on the density grid)")
-    p.add_argument("--mesh-resolution", type=int, default=256)
-    p.add_argument("--mesh-level", type=float, default=None,
+    p.add_argument("--data-dir", default=d.data_dir, help="folder with input/ (and ref/, prompts.txt)")
+    p.add_argument("--output-dir", default=d.output_dir)
+    p.add_argument("--ref", default=d.ref, help="one reference image applied to every input")
+    p.add_argument("--prompt", default=d.prompt, help="one text prompt applied to every input")
+    p.add_argument("--prompts-file", default=d.prompts_file,
+                   help="lines 'stem<TAB>prompt' (a line without TAB applies to all)")
+    p.add_argument("--yaws", type=float, nargs="+", default=d.yaws, help="view yaws in degrees from frontal")
+    p.add_argument("--pitch", type=float, default=d.pitch, help="view pitch in degrees from level")
+    p.add_argument("--video", action="store_true", default=d.video, help="write <stem>_orbit.mp4")
+    p.add_argument("--video-frames", type=int, default=d.video_frames)
+    p.add_argument("--video-fps", type=float, default=d.video_fps)
+    p.add_argument("--mesh", action="store_true", default=d.mesh,
+                   help="write <stem>.ply (marching cubes on the density grid)")
+    p.add_argument("--mesh-resolution", type=int, default=d.mesh_resolution)
+    p.add_argument("--mesh-level", type=float, default=d.mesh_level,
                    help="density iso-level of the mesh (default: 10, EG3D's; when an input's density never crosses "
                         "10, Otsu's threshold of its density grid, with a note)")
-    p.add_argument("--save-triplane", action="store_true", help="write <stem>_triplane.safetensors")
-    p.add_argument("--align", action="store_true",
+    p.add_argument("--save-triplane", action="store_true", default=d.save_triplane,
+                   help="write <stem>_triplane.safetensors")
+    p.add_argument("--align", action="store_true", default=d.align,
                    help="detect the face and crop it the way EG3D was trained (a reference without a face, e.g. a "
                         "sketch, is used as it is)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--skip-existing", action="store_true",
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--skip-existing", action="store_true", default=d.skip_existing,
                    help="skip inputs whose outputs are all in --output-dir (continue a stopped batch)")
-    add_editor_arguments(p)
-    return p.parse_args(argv)
+    add_editor_arguments(p, defaults=d.editor)
+    return InferenceOptions.from_args(p.parse_args(argv))
 
 
 @dataclass
@@ -81,83 +123,107 @@ class InferenceReport:
         return 1 if self.failed or self.skipped or not (self.written or self.complete) else 0
 
 
-def run_inference(args: argparse.Namespace) -> InferenceReport:
-    """Edit (or reconstruct) every input of `args.data_dir` and write the outputs; `args` from `parse_args`.
+def run_inference(options: InferenceOptions) -> InferenceReport:
+    """Edit (or reconstruct) every input of `options.data_dir` and write the outputs (options: `parse_args`).
 
     Each input's time in `InferenceReport.seconds` is its encode prompt + edit (or reconstruct) + render,
     with CUDA synchronised: model loading, reading/aligning images and writing files are not included. A
-    batch's prompt encoding and edit are shared evenly by its inputs; a prompt shared by several inputs is
-    encoded once (so the first input of a style carries it: take the median). Prints a line per skipped or
+    batch's editor call (prompt, edit, views) is shared evenly by its inputs; a prompt shared by several inputs
+    is encoded once (so the first input of a style carries it: take the median). Prints a line per skipped or
     failed input and a summary. Raises ThreeDPEError for a user error before any input is edited (a missing
     checkpoint or input folder); an error while writing (e.g. a full disk) propagates.
 
     Under torchrun (WORLD_SIZE > 1) the batches are split across ranks (batch i → rank i mod WORLD_SIZE,
     each rank on its own device), every rank writes its own inputs' outputs, and rank 0 prints the summary
-    of all ranks. `args.skip_existing`: inputs whose outputs are all there (`_output_names`) are left out.
+    of all ranks. `options.skip_existing`: inputs whose outputs are all there (`_output_names`) are left out.
     """
     from utils.distributed import destroy_distributed, init_ranks
 
-    ranks = init_ranks(args.device)
+    ranks = init_ranks(options.editor.device)
     try:
         if ranks is not None:
-            args = argparse.Namespace(**{**vars(args), "device": str(ranks.device)})
-        return _run_inference(args, *((0, 1) if ranks is None else (ranks.rank, ranks.world_size)))
+            options = replace(options, editor=replace(options.editor, device=str(ranks.device)))
+        return _run_inference(options, *((0, 1) if ranks is None else (ranks.rank, ranks.world_size)))
     finally:
         if ranks is not None and ranks.owns_group:
             destroy_distributed()
 
 
-def _run_inference(args: argparse.Namespace, rank: int, world: int) -> InferenceReport:
-    from tqdm import tqdm
-
-    from pipelines.instruct_pix2pix import bridge_from_args
-    from tools.editor_options import RANDOM_INIT_WARNING, check_checkpoint_arg, describe_editor_source
-    from utils.cameras import orbit_cameras, original_test_cameras
-    from utils.device import resolve_device
+def _run_inference(o: InferenceOptions, rank: int, world: int) -> InferenceReport:
     from utils.distributed import all_gather_object, barrier, is_dist, print_line, rank_share
 
     grouped = world == 1 or is_dist()  # else ranks without a process group (no MASTER_ADDR): each on its own
     status = _Status(enabled=rank == 0 or not grouped)
-    # What the command line names is checked first (file-system checks, milliseconds); then the models load.
-    check_checkpoint_arg(args)
-    may_edit = not args.random_init or args.random_init_kind == "edit"
-    jobs, problems = _jobs(args, needs_prompt=may_edit)
-    needs_text = any(job.prompt is not None for job in jobs)
-    if needs_text and args.random_init and may_edit and args.prompt_encoder == "mae":
-        bridge_from_args(args).check()  # a MAE editor reads a text only through InstructPix2Pix
-    out_dir = _output_dir(args.output_dir)
-    if args.random_init:
-        print(RANDOM_INIT_WARNING, file=sys.stderr)
-    with status.loading(f"{describe_editor_source(args)} on {resolve_device(args.device)}"):
-        editor = editor_from_args(args, needs_text=needs_text, warn_random_init=False)
-    if may_edit and not editor.is_editing:  # a Live3D checkpoint reconstructs: no prompt needed
-        jobs, problems = _jobs(args, needs_prompt=False)
-    if any(editor.prompt_is_per_input(job.prompt) for job in jobs):
-        editor.text_bridge.check()  # once, before any input (a checkpoint's prompt encoder is known only now)
+    editor, jobs, problems, out_dir = _setup(o, status)
     report = InferenceReport(skipped=list(problems) if rank == 0 else [])  # rank 0 reports them
     for msg in report.skipped:
         print_line(f"skipped: {msg}", file=sys.stderr)
-
-    cameras = original_test_cameras(args.yaws, args.pitch)
     # Split whole batches (made from every input), so each batch, and so each output, is the one-process one.
-    batches = rank_share(list(_batches(jobs, args.batch_size)), rank, world)
-    if args.skip_existing:
-        if rank == 0 and grouped:  # no rank writes yet (they wait at the barrier below)
-            _remove_leftovers(out_dir)
-        complete = _complete_stems(jobs, args, out_dir)
-        report.complete = [job.stem for batch in batches for job in batch if job.stem in complete]
-        if rank == 0 and grouped:
-            print_line(f"skipped {len(complete)} of {len(jobs)} inputs (outputs complete)")
-        elif not grouped:
-            print_line(f"skipped {len(report.complete)} of {sum(map(len, batches))} inputs of rank {rank} "
-                       "(outputs complete)")
-        batches = [kept for batch in batches if (kept := [job for job in batch if job.stem not in complete])]
-        barrier()  # every rank has listed the folder before any rank writes to it
-    runner = _Runner(editor, args, out_dir, cameras, orbit_cameras(args.video_frames) if args.video else None,
-                     batches, status)
-
+    batches = rank_share(list(_batches(jobs, o.batch_size)), rank, world)
+    if o.skip_existing:
+        batches = _leave_out_complete(o, jobs, batches, out_dir, report, rank, grouped)
+    runner = _Runner(editor, o, out_dir, batches, status)
     t0 = time.perf_counter()
-    bar = tqdm(batches, total=len(batches), desc="editing" if editor.is_editing else "reconstructing",
+    _run_batches(runner, batches, report, status, rank)
+    report = _merge(all_gather_object(report), jobs)
+    if rank == 0 or not grouped:
+        _print_summary(report, o, out_dir, time.perf_counter() - t0, rank, world, grouped)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    barrier()  # torchrun stops the other ranks when one exits non-zero: rank 0 has printed by now
+    return report
+
+
+def _setup(o: InferenceOptions, status: _Status) -> tuple[PortraitEditor, list[Any], list[str], Path]:
+    """What the command line names is checked first (file-system checks, milliseconds); then the models load.
+    → (editor, jobs, problems: inputs left out, the output folder)."""
+    from tools.editor_options import RANDOM_INIT_WARNING
+    from utils.device import resolve_device
+
+    e = o.editor
+    e.check_checkpoint()
+    may_edit = not e.random_init or e.random_init_kind == "edit"
+    jobs, problems = _jobs(o, needs_prompt=may_edit)
+    needs_text = any(job.prompt is not None for job in jobs)
+    if needs_text and e.random_init and may_edit and e.prompt_encoder == "mae":
+        e.text_bridge().check()  # a MAE editor reads a text only through InstructPix2Pix
+    out_dir = _output_dir(o.output_dir)
+    if e.random_init:
+        print(RANDOM_INIT_WARNING, file=sys.stderr)
+    with status.loading(f"{e.describe()} on {resolve_device(e.device)}"):
+        editor = e.build(needs_text=needs_text, warn_random_init=False)
+    if may_edit and not editor.is_editing:  # a Live3D checkpoint reconstructs: no prompt needed
+        jobs, problems = _jobs(o, needs_prompt=False)
+    if any(editor.prompt_is_per_input(job.prompt) for job in jobs):
+        editor.text_bridge.check()  # once, before any input (a checkpoint's prompt encoder is known only now)
+    return editor, jobs, problems, out_dir
+
+
+def _leave_out_complete(o: InferenceOptions, jobs: list[Any], batches: list[list[Any]], out_dir: Path,
+                        report: InferenceReport, rank: int, grouped: bool) -> list[list[Any]]:
+    """--skip-existing: the batches without the inputs whose outputs are all there (listed in `report.complete`)."""
+    from utils.distributed import barrier, print_line
+
+    if rank == 0 and grouped:  # no rank writes yet (they wait at the barrier below)
+        _remove_leftovers(out_dir)
+    complete = _complete_stems(jobs, o, out_dir)
+    report.complete = [job.stem for batch in batches for job in batch if job.stem in complete]
+    if rank == 0 and grouped:
+        print_line(f"skipped {len(complete)} of {len(jobs)} inputs (outputs complete)")
+    elif not grouped:
+        print_line(f"skipped {len(report.complete)} of {sum(map(len, batches))} inputs of rank {rank} "
+                   "(outputs complete)")
+    batches = [kept for batch in batches if (kept := [job for job in batch if job.stem not in complete])]
+    barrier()  # every rank has listed the folder before any rank writes to it
+    return batches
+
+
+def _run_batches(runner: _Runner, batches: list[list[Any]], report: InferenceReport, status: _Status,
+                 rank: int) -> None:
+    """Every batch through `runner`, under a progress bar (rank 0, when there is more than a line to show)."""
+    from tqdm import tqdm
+
+    bar = tqdm(batches, total=len(batches), desc="editing" if runner.editor.is_editing else "reconstructing",
                unit="batch", file=sys.stderr,
                disable=rank != 0 or (not sys.stderr.isatty() and len(batches) < 2))
     status.bar = None if bar.disable else bar
@@ -169,30 +235,30 @@ def _run_inference(args: argparse.Namespace, rank: int, world: int) -> Inference
             _say(f"failed: {msg}")
         report.failed += errors
     status.bar = None
-    report = _merge(all_gather_object(report), jobs)
-    dt = time.perf_counter() - t0
-    if rank == 0 or not grouped:
-        done = len(report.written)
-        print_line(f"done: {done} written to {out_dir}/, {len(report.failed) + len(report.skipped)} failed or "
-                   "skipped" + (f", {len(report.complete)} already complete" if args.skip_existing else "")
-                   + f", {dt:.1f} s" + (f" ({dt / done:.2f} s per input)" if done else "")
-                   + ("" if world == 1 else f", {world} processes" if grouped else f", rank {rank} of {world} alone"))
-        if world > 1 and grouped:  # each rank printed its own failures as they came; here are all of them at once
-            for msg in report.failed:
-                print_line(f"failed: {msg}")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    barrier()  # torchrun stops the other ranks when one exits non-zero: rank 0 has printed by now
-    return report
 
 
-def _jobs(args: argparse.Namespace, needs_prompt: bool) -> tuple[list[Any], list[str]]:
+def _print_summary(report: InferenceReport, o: InferenceOptions, out_dir: Path, dt: float, rank: int, world: int,
+                   grouped: bool) -> None:
+    """The `done:` line (and, under torchrun, every rank's failures after it)."""
+    from utils.distributed import print_line
+
+    done = len(report.written)
+    print_line(f"done: {done} written to {out_dir}/, {len(report.failed) + len(report.skipped)} failed or "
+               "skipped" + (f", {len(report.complete)} already complete" if o.skip_existing else "")
+               + f", {dt:.1f} s" + (f" ({dt / done:.2f} s per input)" if done else "")
+               + ("" if world == 1 else f", {world} processes" if grouped else f", rank {rank} of {world} alone"))
+    if world > 1 and grouped:  # each rank printed its own failures as they came; here are all of them at once
+        for msg in report.failed:
+            print_line(f"failed: {msg}")
+
+
+def _jobs(o: InferenceOptions, needs_prompt: bool) -> tuple[list[Any], list[str]]:
     """`build_jobs` for the command line; a missing folder or file named there → ThreeDPEError (one line)."""
     from datasets.inference_inputs import build_jobs
     from utils.errors import ThreeDPEError
 
     try:
-        return build_jobs(args.data_dir, ref=args.ref, prompt=args.prompt, prompts_file=args.prompts_file,
+        return build_jobs(o.data_dir, ref=o.ref, prompt=o.prompt, prompts_file=o.prompts_file,
                           needs_prompt=needs_prompt)
     except FileNotFoundError as e:
         raise ThreeDPEError(str(e)) from e
@@ -268,9 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     """The command (test_scripts.py): 0 when every input was written, 1 when one failed, 2 on a user error."""
     from utils.errors import ThreeDPEError, report_user_error
 
-    args = parse_args(argv)
+    options = parse_args(argv)
     try:
-        return run_inference(args).exit_code
+        return run_inference(options).exit_code
     except ThreeDPEError as e:
         return report_user_error(e)
 
@@ -290,27 +356,27 @@ def _merge(reports: list[InferenceReport], jobs: list[Any]) -> InferenceReport:
     return merged
 
 
-def _output_names(job: Any, args: argparse.Namespace) -> list[str]:
+def _output_names(job: Any, o: InferenceOptions) -> list[str]:
     """The files `_Runner` writes for `job` under these options, `<stem>_mv.png` last (it is written last)."""
     s = job.stem
-    names = [f"{s}_view{i}.png" for i in range(len(args.yaws))]
+    names = [f"{s}_view{i}.png" for i in range(len(o.yaws))]
     if job.prompt is not None:
         names.append(f"{s}_prompt.txt")
-    if args.save_triplane:
+    if o.save_triplane:
         names.append(f"{s}_triplane.safetensors")
-    if args.video:
+    if o.video:
         names.append(f"{s}_orbit.mp4")
-    if args.mesh:
+    if o.mesh:
         names.append(f"{s}.ply")
     return names + [f"{s}_mv.png"]
 
 
-def _complete_stems(jobs: list[Any], args: argparse.Namespace, out_dir: Path) -> set[str]:
+def _complete_stems(jobs: list[Any], o: InferenceOptions, out_dir: Path) -> set[str]:
     """Stems whose every output (`_output_names`) is in `out_dir`. Every output is written to a temporary
     name and renamed when whole, so a file under its final name is complete; a stopped input misses at
     least its `_mv.png`, which is written last."""
     present = set(os.listdir(out_dir))
-    return {job.stem for job in jobs if all(name in present for name in _output_names(job, args))}
+    return {job.stem for job in jobs if all(name in present for name in _output_names(job, o))}
 
 
 def _remove_leftovers(out_dir: Path) -> int:
@@ -365,22 +431,28 @@ class _EditClock:
 
 
 class _Runner:
-    """Loads a batch of inputs, encodes, renders, writes every output named by the input's stem.
+    """Reads a batch of inputs, makes the editor's call (prompt, edit, views), writes every output named by the
+    input's stem.
 
-    Only the editor's work (prompt, edit, render) runs under `self.clock`; loading and writing do not.
-    Each phase is shown by `status`.
+    Only the editor's work runs under `self.clock`; reading and writing do not. Each phase is shown by `status`.
+    The editor decides whether a prompt can serve other inputs (`EditResult.reusable_prompt`); the runner keeps
+    such a prompt while a later batch of `batches` has the same reference or text, so memory does not grow with
+    the number of inputs (an embedding holds its reference image, 3 MB at 512²).
     """
 
-    def __init__(self, editor, args, out_dir: Path, cameras, orbit, batches: list[list[Any]],
+    def __init__(self, editor: PortraitEditor, o: InferenceOptions, out_dir: Path, batches: list[list[Any]],
                  status: _Status | None = None):
-        self.editor, self.args, self.out_dir, self.cameras, self.orbit = editor, args, out_dir, cameras, orbit
+        from pipelines.portraits import PortraitPreparer
+        from utils.cameras import orbit_cameras, original_test_cameras
+
+        self.editor, self.o, self.out_dir = editor, o, out_dir
+        self.cameras = original_test_cameras(o.yaws, o.pitch)
+        self.orbit = orbit_cameras(o.video_frames) if o.video else None
         self.status = status or _Status(enabled=False)
         self.clock = _EditClock()
-        # A prompt embedding holds its reference image (3 MB at 512²): keep one only while a later batch of
-        # `batches` will use it, so memory does not grow with the number of inputs.
+        self.prepare = PortraitPreparer.for_editor(editor, align=o.align)
         self._uses = Counter(self._key(batch[0]) for batch in batches)
-        self._prompt_cache: dict = {}
-        self._detector = None
+        self._prompts: dict = {}  # reusable prompt embeddings by (reference path, text)
         self._unaligned: set[str] = set()  # references without a face, already announced
 
     @staticmethod
@@ -392,73 +464,25 @@ class _Runner:
         key = self._key(job)
         self._uses[key] -= 1
         if self._uses[key] <= 0:
-            self._prompt_cache.pop(key, None)
+            self._prompts.pop(key, None)
             del self._uses[key]
 
     def _load(self, path: Path, reference: bool = False):
-        """Image file → 1×3×R×R in [-1,1]; with --align the EG3D crop of its face (a reference without one
-        is used as it is)."""
-        import warnings
-
-        from datasets.inference_inputs import prepare_portrait
-        from utils.image_io import load_image, pil_to_tensor
-
-        img = load_image(path)
-        aligned = self._align(img, path, reference) if self.args.align else None
-        img = img if aligned is None else aligned
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            img = prepare_portrait(img, self.editor.input_resolution, name=str(path), suggest_align=not self.args.align)
-        for w in caught:
-            _say(f"warning: {w.message}")
-        return pil_to_tensor(img)
-
-    def _align(self, img, path: Path, reference: bool):
-        """The EG3D crop of the main face of `img`. An input without a face raises NoFaceError; a reference
-        without one (a sketch, a texture: a reference is a style example) gives None, said once per file."""
-        from utils.errors import NoFaceError
-        from utils.face_alignment import MTCNNDetector, align_face
-
-        if self._detector is None:
-            self._detector = MTCNNDetector(device="cpu")
-        try:
-            return align_face(img, self._detector, key=str(path))[0].image
-        except NoFaceError:
-            if not reference:
-                raise
-        if str(path) not in self._unaligned:
+        """Image file → 1×3×R×R in [-1,1] (`PortraitPreparer`); with --align a reference without a face is used
+        as it is, said once per file."""
+        portrait = self.prepare(path, needs_face=not reference)
+        if reference and self.o.align and not portrait.aligned and str(path) not in self._unaligned:
             self._unaligned.add(str(path))
-            side = self.editor.input_resolution
+            side = self.prepare.size
             _say(f"note: reference {path} holds no face: used as it is (resized to {side}x{side}), not aligned")
-        return None
+        for msg in portrait.warnings:
+            _say(f"warning: {msg}")
+        return portrait.tensor
 
-    def _prompt(self, job, image):
-        """The job's prompt embedding: made for this input when it depends on it, else once per prompt."""
-        if self.editor.prompt_is_per_input(job.prompt):
-            self.status.phase(job.stem, f"InstructPix2Pix edits the input in 2D ({self.args.ip2p_steps} steps)")
-            with self.clock:
-                return self.editor.prompt(image=image, text=job.prompt)
-        key = self._key(job)
-        if key not in self._prompt_cache:
-            reference = None if job.reference_path is None else self._load(job.reference_path, reference=True)
-            self.status.phase(job.stem, "encoding the reference" if reference is not None else "encoding the text")
-            with self.clock:
-                self._prompt_cache[key] = self.editor.prompt(reference=reference, text=job.prompt)
-        emb = self._prompt_cache[key]
-        self._used(job)
-        return emb
+    def _read(self, batch) -> tuple[list[Any], list[Any], list[str]]:
+        """The batch's input images → (1×3×R×R tensors, their jobs, ['path: reason'] of those unread)."""
+        from utils.errors import ThreeDPEError
 
-    def run(self, batch) -> tuple[list[tuple[str, float]], list[str]]:
-        """Edit and write a batch → ([(stem, edit seconds)] of the inputs written, ['path: reason'] of failures).
-
-        A missing weight file (the InstructPix2Pix bridge's) is raised: every later input would fail the same way.
-        """
-        import torch
-
-        from utils.errors import MissingWeightsError, ThreeDPEError
-
-        label = batch[0].stem if len(batch) == 1 else f"{batch[0].stem} +{len(batch) - 1}"
-        self.status.phase(label, "reading" + (" and aligning" if self.args.align else ""))
         images, ok_jobs, errors = [], [], []
         for job in batch:
             try:
@@ -466,32 +490,24 @@ class _Runner:
                 ok_jobs.append(job)
             except (ThreeDPEError, OSError, ValueError) as e:
                 errors.append(f"{job.input_path}: {e}")
+        return images, ok_jobs, errors
+
+    def run(self, batch) -> tuple[list[tuple[str, float]], list[str]]:
+        """Edit and write a batch → ([(stem, edit seconds)] of the inputs written, ['path: reason'] of failures).
+
+        A missing weight file (the InstructPix2Pix bridge's) is raised: every later input would fail the same way.
+        """
+        from utils.errors import MissingWeightsError, ThreeDPEError
+
+        label = batch[0].stem if len(batch) == 1 else f"{batch[0].stem} +{len(batch) - 1}"
+        self.status.phase(label, "reading" + (" and aligning" if self.o.align else ""))
+        images, ok_jobs, errors = self._read(batch)
         if not ok_jobs:
             self._used(batch[0])
             return [], errors
-        x = torch.cat(images)
-        refs = [None] * len(ok_jobs)
         start = self.clock.seconds
         try:
-            if not self.editor.is_editing:
-                self.status.phase(label, "reconstructing the triplane")
-                with self.clock:
-                    planes = self.editor.reconstruct(x)
-            elif self.editor.prompt_is_per_input(ok_jobs[0].prompt):
-                planes_list = []
-                for i, job in enumerate(ok_jobs):
-                    emb = self._prompt(job, x[i : i + 1])
-                    refs[i] = emb.reference
-                    self.status.phase(job.stem, "encoding the edited triplane")
-                    with self.clock:
-                        planes_list.append(self.editor.edit(x[i : i + 1], emb))
-                planes = torch.cat(planes_list)
-            else:
-                emb = self._prompt(ok_jobs[0], x)
-                refs = [emb.reference] * len(ok_jobs)
-                self.status.phase(label, "encoding the edited triplane")
-                with self.clock:
-                    planes = self.editor.edit(x, emb)
+            result = self._edit(images, ok_jobs, label)
         except MissingWeightsError:
             raise
         except (ThreeDPEError, OSError, ValueError) as e:
@@ -500,49 +516,66 @@ class _Runner:
         timed = []
         for i, job in enumerate(ok_jobs):
             before = self.clock.seconds
-            self._write(job, x[i : i + 1], refs[i], planes[i : i + 1])
+            self._write(job, images[i], result, i)
             timed.append((job.stem, round(shared + self.clock.seconds - before, 6)))
         return timed, errors
 
-    def _write(self, job, image, reference, planes) -> None:
+    def _edit(self, images: list[Any], jobs: list[Any], label: str) -> EditResult:
+        """The editor's call for a batch of jobs sharing one prompt: a prompt kept from an earlier batch, else
+        the job's reference (read here) or text."""
         import torch
-        import torch.nn.functional as F
 
+        job = jobs[0]
+        prompt, reference = self._prompts.get(self._key(job)), None
+        try:
+            if prompt is None and job.reference_path is not None:
+                reference = self._load(job.reference_path, reference=True)
+            show = functools.partial(self._show, jobs, label, reference is not None)
+            with self.clock:
+                result = self.editor(torch.cat(images), reference=reference, text=job.prompt, prompt=prompt,
+                                     cameras=self.cameras, on_step=show)
+            if result.reusable_prompt is not None:
+                self._prompts[self._key(job)] = result.reusable_prompt
+        finally:
+            self._used(job)
+        return result
+
+    def _show(self, jobs: list[Any], label: str, has_reference: bool, step: str, index: int | None) -> None:
+        """The phase `status` shows before each step of the editor's call (`PortraitEditor.__call__`'s on_step)."""
+        who = label if index is None else jobs[index].stem
+        if step == "prompt" and index is None:
+            self.status.phase(jobs[0].stem, "encoding the reference" if has_reference else "encoding the text")
+        elif step == "prompt":
+            self.status.phase(who, f"InstructPix2Pix edits the input in 2D ({self.o.editor.ip2p_steps} steps)")
+        elif step == "edit":
+            self.status.phase(who, "encoding the edited triplane")
+        elif step == "reconstruct":
+            self.status.phase(who, "reconstructing the triplane")
+        else:
+            self.status.phase(who, f"rendering {self.cameras.shape[0]} views")
+
+    def _write(self, job, image, result: EditResult, i: int) -> None:
+        """Every output of input `i` of `result`, `<stem>_mv.png` last (it marks the input complete)."""
         from utils.atomic import atomic_write_bytes, atomic_write_text
         from utils.image_io import save_png, tensor_to_uint8
 
-        self.status.phase(job.stem, f"rendering {self.cameras.shape[0]} views")
-        with self.clock:
-            views = self.editor.render(planes, self.cameras)["image"]
-        side = views.shape[-1]
-
-        def tile(t):
-            t = t.to(views.device, views.dtype)
-            if t.shape[-1] != side:
-                t = F.interpolate(t, size=(side, side), mode="bicubic", align_corners=False, antialias=True)
-            return t
-
-        tiles = [tile(image)]
-        if reference is not None:
-            tiles.append(tile(reference[:1]))
-        tiles.extend(views.split(1))
-        strip = torch.cat(tiles, dim=-1)
-        out = self.out_dir
+        out, views, planes = self.out_dir, result.views["image"][i], result.triplanes[i : i + 1]
+        strip = _strip(image, result.reference(i), views)
         self.status.phase(job.stem, "writing files")
-        for i, v in enumerate(views.split(1)):
-            save_png(out / f"{job.stem}_view{i}.png", tensor_to_uint8(v[0]))
+        for v, view in enumerate(views):
+            save_png(out / f"{job.stem}_view{v}.png", tensor_to_uint8(view))
         if job.prompt is not None:
             atomic_write_text(out / f"{job.stem}_prompt.txt", job.prompt + "\n")
-        if self.args.save_triplane:
+        if self.o.save_triplane:
             from safetensors.torch import save
 
             atomic_write_bytes(out / f"{job.stem}_triplane.safetensors",
                                save({"triplane": planes.detach().float().cpu().contiguous()}))
         if self.orbit is not None:
             self._video(job, planes)
-        if self.args.mesh:
+        if self.o.mesh:
             self._mesh(job, planes)
-        save_png(out / f"{job.stem}_mv.png", tensor_to_uint8(strip[0]))  # last: marks the input complete
+        save_png(out / f"{job.stem}_mv.png", tensor_to_uint8(strip))
 
     def _video(self, job, planes) -> None:
         """`<stem>_orbit.mp4`: the orbit cameras rendered 8 at a time, with a bar over the frames."""
@@ -551,7 +584,7 @@ class _Runner:
 
         n = self.orbit.shape[0]
         self.status.phase(job.stem, f"rendering the orbit video ({n} frames)")
-        with AtomicVideoWriter(self.out_dir / f"{job.stem}_orbit.mp4", fps=self.args.video_fps) as writer, \
+        with AtomicVideoWriter(self.out_dir / f"{job.stem}_orbit.mp4", fps=self.o.video_fps) as writer, \
                 self.status.progress(n, f"{job.stem} orbit", "frame") as frames_bar:
             for i in range(0, n, 8):
                 with self.clock:
@@ -564,11 +597,11 @@ class _Runner:
         """`<stem>.ply`: marching cubes on the density grid, at --mesh-level or the level `choose_level` picks."""
         from utils.mesh import choose_level, density_grid, marching_cubes, write_ply
 
-        res = self.args.mesh_resolution
+        res = self.o.mesh_resolution
         border = max(1, res * 60 // 512)  # the original trims 60 of 512 voxels at each face of the box
         self.status.phase(job.stem, f"meshing (density on a {res}³ grid)")
         grid = density_grid(lambda c: self.editor.sample_density(planes, c), res, progress=self.status.enabled)
-        level, note = choose_level(grid, self.args.mesh_level, border)
+        level, note = choose_level(grid, self.o.mesh_level, border)
         try:
             verts, faces = marching_cubes(grid, level=level, border=border)
         except ValueError as e:
@@ -577,6 +610,26 @@ class _Runner:
         if note:
             _say(f"note: {job.stem}: {note}; --mesh-level LEVEL sets it")
         write_ply(self.out_dir / f"{job.stem}.ply", verts, faces)
+
+
+def _strip(image, reference, views):
+    """The `<stem>_mv.png` picture 3×H×(k·H): input | reference (when there is one) | views V×3×H×H, each tile
+    resized to the views' side."""
+    import torch
+
+    tiles = [_tile(image, views)] + ([_tile(reference, views)] if reference is not None else []) + list(views.split(1))
+    return torch.cat(tiles, dim=-1)[0]
+
+
+def _tile(t, views):
+    """An image 1×3×h×h as a tile of the strip: on the views' device and dtype, at their side (bicubic)."""
+    import torch.nn.functional as F
+
+    side = views.shape[-1]
+    t = t.to(views.device, views.dtype)
+    if t.shape[-1] != side:
+        t = F.interpolate(t, size=(side, side), mode="bicubic", align_corners=False, antialias=True)
+    return t
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The facts a training (or customisation) run puts in its checkpoints' model cards (models/model_card.py).
+"""The facts a training (or customisation) run puts in its checkpoints' model cards (models/checkpoint/model_card.py).
 
     card = training_card(cfg, train_set, nets["source"])          # once per run, on rank 0
     write_model_card(snapshot_dir, steps=step, **card)            # at every snapshot and at the end
@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from torch.utils.data import Dataset
 
-from models.model_card import choose_licence, licence_of_checkpoint
+from models.checkpoint.model_card import choose_licence, licence_of_checkpoint
 from utils.config import to_dict
 
 #: `build_networks` source keys that name weights the run starts from.

@@ -5,7 +5,7 @@
 
 DIR layout: `DIR/input/<stem>.png` and `DIR/edited/<stem>.png` (same stems), optional `DIR/dataset.json`
 with EG3D labels (`{"labels": [["input/<stem>.png", [25 floats]], ...]}`; keys `input/<stem>.png`,
-`<stem>.png` or `<stem>`); without labels every input gets the frontal camera (fx = fy = 4.2647).
+`<stem>.png` or `<stem>`); without labels every input gets the frontal camera (fx = fy = `FOCAL_EG3D_LABEL`, 4.2647).
 With `--instruction`, only `DIR/input/` is needed: the edits are made once by InstructPix2Pix and cached
 in `exps/<name>/edited/`. The run is the ordinary training loop (training/train.py) started from `--base`,
 with the same teacher (Live3D LT) and losses; the result is `exps/<name>/final/` (project format), which
@@ -23,31 +23,32 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from models.checkpoint.files import DEFAULT_CHECKPOINT
 from pipelines.instruct_pix2pix import InstructPix2PixConfig
 from training.train import TrainConfig, TrainResult, main as train_main
+from utils.cameras import FOCAL_EG3D_LABEL
 from utils.config import load_config
 from utils.errors import ConfigError, HubWeightsError, MissingWeightsError
 
 
 def _customize_train_defaults() -> TrainConfig:
-    """The customisation run's training defaults (the one place they live; `configs/customize.yaml` only
-    documents the keys): TrainConfig's, except a short, validation-free run from a trained model."""
-    cfg = TrainConfig(name="custom", epochs=100000, max_steps=300, export_3dpe=False)
-    cfg.data.val_root = ""
+    """The customisation run's training defaults (the one place they live): TrainConfig's, except a short,
+    validation-free run from a trained model (`--base`)."""
+    cfg = TrainConfig(name="custom", epochs=100000, max_steps=300, export_3dpe=False)  # max_steps ends the run
+    cfg.data.val_root = ""             # no validation: the few pairs all train
     cfg.data.val_fraction = 0.0
-    cfg.data.workers = 2
-    cfg.model.mae_pretrain = ""
+    cfg.data.workers = 2               # the pairs are held in memory (CustomPairs): little to load
     cfg.model.text_prompt_prob = 1.0   # CLIP base + --instruction: every sample's prompt is the instruction
-    cfg.optim.lr = 5e-5
-    cfg.log.log_interval = 10
+    cfg.optim.lr = 5e-5                # half the training lr: fine-tuning a trained model
+    cfg.log.log_interval = 10          # a short run: log, save and show images often
     cfg.log.image_interval = 50
-    cfg.log.val_interval = 10**9
+    cfg.log.val_interval = 10**9       # never (no validation split)
     cfg.log.save_interval = 100
     cfg.log.keep_last = 1
     return cfg
@@ -57,12 +58,12 @@ def _customize_train_defaults() -> TrainConfig:
 class CustomizeConfig:
     """Customisation run: where the pairs are, which model to start from, and the (short) training."""
 
-    pairs: str = ""
-    base: str = "pretrained_models/3dpe.pt"
-    instruction: str = ""                       # non-empty: edit DIR/input/ with InstructPix2Pix
+    pairs: str = ""                             # DIR with input/<stem>.png + edited/<stem>.png (+ dataset.json)
+    base: str = DEFAULT_CHECKPOINT              # the trained model to start from (3dpe.pt or a project folder)
+    instruction: str = ""                       # non-empty: edit DIR/input/ with InstructPix2Pix, not DIR/edited/
     ip2p: InstructPix2PixConfig = field(default_factory=InstructPix2PixConfig)  # the edits for `instruction`
-    default_focal: float = 4.2647               # FOCAL_EG3D_LABEL, for inputs without a label
-    train: TrainConfig = field(default_factory=_customize_train_defaults)
+    default_focal: float = FOCAL_EG3D_LABEL     # camera label focal (frontal) for inputs without a label
+    train: TrainConfig = field(default_factory=_customize_train_defaults)  # the run; override as train.<key>=value
 
 
 def _label_for(labels: dict[str, list[float]], stem: str, name: str) -> list[float] | None:
@@ -83,7 +84,7 @@ class CustomPairs(Dataset):
     """
 
     def __init__(self, input_dir: str | Path, edited_dir: str | Path, resolution: int = 512,
-                 labels_file: str | Path | None = None, default_focal: float = 4.2647, seed: int = 0,
+                 labels_file: str | Path | None = None, default_focal: float = FOCAL_EG3D_LABEL, seed: int = 0,
                  instruction: str = ""):
         from utils.cameras import frontal_camera
         from utils.image_io import load_image_tensor
@@ -241,12 +242,11 @@ def main(cfg: CustomizeConfig, editor: Any = None) -> TrainResult:
     return train_main(t, train_set=data, val_set=None)
 
 
-def run(config_path: str | None, overrides: list[str] = (), *, pairs: str | None = None, base: str | None = None,
-        instruction: str | None = None, name: str | None = None, editor: Any = None) -> TrainResult:
-    """CLI entry: `configs/customize.yaml` + overrides; the flags win over the config. Rank 0 prints where the
-    customised model is."""
-    from utils.distributed import destroy_distributed, env_info, print_line
-
+def resolve_config(config_path: str | None, overrides: Sequence[str] = (), *, pairs: str | None = None,
+                   base: str | None = None, instruction: str | None = None,
+                   name: str | None = None) -> CustomizeConfig:
+    """The run's whole config: `CustomizeConfig` defaults ← the YAML at `config_path` ← `overrides` ← the flags
+    (`--pairs`, `--base`, `--instruction`, `--name` = train.name), which win where given."""
     cfg = load_config(CustomizeConfig, config_path, list(overrides))
     if pairs is not None:
         cfg.pairs = pairs
@@ -256,6 +256,16 @@ def run(config_path: str | None, overrides: list[str] = (), *, pairs: str | None
         cfg.instruction = instruction
     if name is not None:
         cfg.train.name = name
+    return cfg
+
+
+def run(config_path: str | None, overrides: list[str] = (), *, pairs: str | None = None, base: str | None = None,
+        instruction: str | None = None, name: str | None = None, editor: Any = None) -> TrainResult:
+    """CLI entry: `configs/customize.yaml` + overrides; the flags win over the config. Rank 0 prints where the
+    customised model is."""
+    from utils.distributed import destroy_distributed, env_info, print_line
+
+    cfg = resolve_config(config_path, overrides, pairs=pairs, base=base, instruction=instruction, name=name)
     try:
         result = main(cfg, editor=editor)
     finally:

@@ -4,20 +4,20 @@ two optimisation steps built on them (`discriminator_step`, `generator_step`).
 All images are N×3×H×W in [-1, 1]. Every L1 is a mean over all elements (as `nn.L1Loss`); LPIPS is
 the mean over the batch of the per-sample AlexNet LPIPS (spatial average, summed over the 5 layers).
 
-    crit = DistillationLoss(cfg.loss).to(device)        # cfg.loss: a LossConfig
+    crit = DistillationLoss(cfg.loss).to(device)        # cfg.loss: a LossConfig (training/config.py)
     total, terms = crit(student_tri, teacher_tri, student_renders, teacher_renders, n)   # renders: 2N-row dicts
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, ContextManager
+from typing import Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.config import LossConfig
 from utils.errors import MissingWeightsError
 
 ALEXNET_FILES = ("alexnet-owt-4df8aa71.pth", "alexnet-owt-7be5be79.pth")
@@ -31,27 +31,6 @@ Stage = Callable[[str], ContextManager[object]]
 def no_stage(name: str) -> ContextManager[object]:
     """The default `Stage`: times nothing."""
     return contextlib.nullcontext()
-
-
-@dataclass
-class LossConfig:
-    """Loss weights (defaults = the released 3DPE launch values) and where the loss nets' weights live."""
-
-    tri: float = 1.0
-    l1: float = 1.0
-    lpips: float = 2.0
-    depth: float = 0.5
-    feature: float = 0.0
-    id: float = 0.0
-    adv: float = 0.025
-    r1_gamma: float = 1.0
-    multiview: bool = True          # the same terms again at a random camera per sample
-    one_camera_per_batch: bool = False    # True: one random camera for the whole batch (the original)
-    weights_dir: str = "pretrained_models"
-
-    RETIRED_KEYS: ClassVar[dict[str, str]] = {
-        k: "model.tiny=true (or random_loss_nets in THREEDPE_TEST_HOOKS) builds random loss nets"
-        for k in ("lpips_random_backbone", "id_random_init")}
 
 
 # ---------------------------------------------------------------------------------------------- LPIPS

@@ -34,14 +34,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.checkpoint.files import TRAINING_STATE_FILE as STATE_FILE
 from utils.atomic import atomic_directory
 from utils.config import to_dict
-from utils.testing_hooks import hooks, kill_now
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
 
-STATE_FILE = "training_state.pt"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -141,8 +140,6 @@ def save_checkpoint(
             os.replace(f, tmp / f.name)
         (tmp / "snapshot").rmdir()
         torch.save(training_state, tmp / STATE_FILE)
-        if hooks().kill_while_saving == step:  # tests: die with the checkpoint complete but not yet in place
-            kill_now()
     if keep_last > 0:
         for _, old in list_checkpoints(root)[:-keep_last]:
             # Out of sight first: a kill during the delete leaves a hidden leftover, not a half-deleted step_*.
@@ -234,7 +231,7 @@ def snapshot_writer(encoder: nn.Module, renderer: nn.Module, configs: dict[str, 
     With `card` (training/card.py's facts) the folder also gets its model card (README.md)."""
     def write(dst: Path) -> None:
         from models.checkpoint import save_pretrained
-        from models.model_card import write_model_card
+        from models.checkpoint.model_card import write_model_card
 
         save_pretrained(
             dst,

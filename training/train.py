@@ -47,7 +47,6 @@ from training.interrupt import StopOnSignal, resume_command, signal_name
 from training.setup import IndexedEpochs, TrainingSetup, build_training, set_modes
 from utils import distributed as du
 from utils.config import load_config, save_config
-from utils.testing_hooks import hooks, kill_at
 
 __all__ = ["DataConfig", "GanConfig", "LogConfig", "LossConfig", "ModelConfig", "OptimConfig", "TrainConfig",
            "StepOutput", "TrainResult", "main", "run", "train_step"]
@@ -63,7 +62,7 @@ class TrainResult:
     encoder: nn.Module
     renderer: nn.Module
     discriminator: nn.Module
-    signal: int = 0                  # the signal that stopped the run (0: it ended, or the stop_after test hook)
+    signal: int = 0                  # the signal that stopped the run (0: it ended)
 
     @property
     def exit_code(self) -> int:
@@ -245,11 +244,11 @@ def main(cfg: TrainConfig, train_set: Dataset | None = None, val_set: Dataset | 
     Rank 0 prints the run folder, the TensorBoard command, the resume point and the end (stdout), and the
     progress (stderr, `log.tqdm`). SIGINT/SIGTERM finish the step, checkpoint it and stop; the last line names
     `resume_hint`, the command that resumes the run (default: `train_scripts.py train` on its config.yaml).
+    One function on purpose: the loop reads top to bottom in one place (nanoGPT's way); its parts live in
+    `train_step`, `validate`, `save` and training/setup.py.
     """
     s = build_training(cfg, train_set, val_set)
     info, device = s.info, s.device
-    test_hooks = hooks()
-    stop_after = test_hooks.stop_after  # tests: stop as if killed
     writer = None
     if info.is_main:
         s.run_dir.mkdir(parents=True, exist_ok=True)
@@ -314,14 +313,13 @@ def main(cfg: TrainConfig, train_set: Dataset | None = None, val_set: Dataset | 
             # ---- checkpoint: (epoch, position) names the next batch, as the sampler will produce it
             if position == s.steps_per_epoch:
                 epoch, position = epoch + 1, 0
-            last = step >= s.total_steps or (stop_after and step >= stop_after) or signum > 0
+            last = step >= s.total_steps or signum > 0
             if step % cfg.log.save_interval == 0 or last:
                 if writer is not None:
                     writer.flush()  # on disk before the checkpoint: a killed rank 0 loses no event a resume keeps
                 save(s, cfg, step, epoch, position)
-            kill_at(test_hooks.kill_rank_at_step, info.rank, step)  # tests: a rank dies here, torchrun restarts
             if last:
-                stopped = step < s.total_steps  # by a signal, or by the `stop_after` test hook (as if killed)
+                stopped = step < s.total_steps  # by a signal
                 break
 
     # ---- finish: slim inference snapshot (+ the original 3dpe.pt layout)
@@ -332,7 +330,7 @@ def main(cfg: TrainConfig, train_set: Dataset | None = None, val_set: Dataset | 
     if writer is not None:
         writer.close()
     signum = signum if stopped else 0  # a signal after the last step: the run is complete
-    if info.is_main and (signum or not stopped):  # (the stop_after test hook stops as if killed: silently)
+    if info.is_main:
         console.say(end_line(s, cfg, step, signum, resume_hint, train_set is not None))
     du.barrier()  # no rank leaves before rank 0 has said so (torchrun ends the others when one rank exits)
     return TrainResult(s.run_dir, step, stopped, s.encoder, s.renderer, s.D, signum)

@@ -1,7 +1,8 @@
-"""Typed configs: dataclasses are the schema, YAML files fill them, `key.sub=value` overrides win.
+"""Typed configs: dataclasses are the schema and the defaults, YAML files change some keys, `key.sub=value`
+overrides win.
 
     cfg = load_config(TrainConfig, "configs/train.yaml", ["optim.lr=2e-4", "name=run1"])
-    save_config(cfg, run_dir / "config.yaml")
+    save_config(cfg, run_dir / "config.yaml")     # the whole resolved config; config_yaml(cfg) is its text
 
 Fields typed `Literal[...]` take only the listed values: a YAML value or override outside them is a ConfigError
 naming the key and the choices when the config loads (`check_choices` does the same for a config built in
@@ -205,11 +206,17 @@ def _blame(cls: type, path: str | Path | None, from_file: dict, overrides: Seque
     return "the command-line overrides together", error
 
 
+def config_yaml(cfg: Any) -> str:
+    """The resolved config `cfg` (a dataclass) as YAML, every field in schema order; `load_config` reads it back
+    to an equal config. What `save_config` writes and `--print-config` prints."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically: a reader never sees half a file)."""
     from utils.atomic import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, config_yaml(cfg))
 
 
 def _retired(cls: type) -> dict[str, str]:

@@ -34,43 +34,44 @@ One job per module:
 | `export`      | writers of the original layouts: `export_original_3dpe`, `write_eg3d_pth`, ...          |
 | `registry`    | model/config classes per model type and component, `LoadedCheckpoint`, `build_models`   |
 | `integrity`   | a file that cannot be decoded → one `CorruptCheckpointError` naming it and the fix        |
+| `safe_unpickle` | the restricted unpickler: NVIDIA pickles and EasyDict `.pth` files read as data, never code |
+| `hub`         | Hugging Face Hub ids → local paths through the HF cache (`resolve_weights`)              |
+| `model_card`  | the `README.md` model card of every checkpoint folder the project writes                 |
+| `files`       | the names everyone shares: `CONFIG_FILE`, `WEIGHTS_FILE`, `DEFAULT_CHECKPOINT`          |
+
+The package's own names (`__all__`) are imported from their module on first use, so `files` and `hub` stay
+cheap to import (no torch) for the argument checks every tool makes before it loads a model.
 """
 from __future__ import annotations
 
-from models.checkpoint.export import (
-    default_eg3d_d_kwargs,
-    eg3d_kwargs_from_config,
-    export_3dpe_pt,
-    export_eg3d_pth,
-    export_original_3dpe,
-    write_eg3d_pth,
-)
-from models.checkpoint.load import detect_format, load_checkpoint, load_eg3d_generator
-from models.checkpoint.original import ARCHITECTURE_KEY
-from models.checkpoint.project import (
-    CONFIG_FILE,
-    FORMAT_VERSION,
-    WEIGHTS_FILE,
-    config_dicts,
-    load_pretrained,
-    save_pretrained,
-    source_info,
-)
-from models.checkpoint.registry import (
-    COMPONENTS,
-    FORMATS,
-    MODEL_TYPES,
-    WHERE_TO_GET,
-    LoadedCheckpoint,
-    build_models,
-    config_class,
-    model_class,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "ARCHITECTURE_KEY", "COMPONENTS", "CONFIG_FILE", "FORMATS", "FORMAT_VERSION", "MODEL_TYPES", "WEIGHTS_FILE",
-    "WHERE_TO_GET",
-    "LoadedCheckpoint", "build_models", "config_class", "config_dicts", "default_eg3d_d_kwargs", "detect_format",
-    "eg3d_kwargs_from_config", "export_3dpe_pt", "export_eg3d_pth", "export_original_3dpe", "load_checkpoint",
-    "load_eg3d_generator", "load_pretrained", "model_class", "save_pretrained", "source_info", "write_eg3d_pth",
-]
+#: module → the public names this package re-exports from it
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "export": ("default_eg3d_d_kwargs", "eg3d_kwargs_from_config", "export_3dpe_pt", "export_eg3d_pth",
+               "export_original_3dpe", "write_eg3d_pth"),
+    "files": ("CONFIG_FILE", "DEFAULT_CHECKPOINT", "WEIGHTS_FILE"),
+    "load": ("detect_format", "load_checkpoint", "load_eg3d_generator"),
+    "original": ("ARCHITECTURE_KEY",),
+    "project": ("FORMAT_VERSION", "config_dicts", "load_pretrained", "save_pretrained", "source_info"),
+    "registry": ("COMPONENTS", "FORMATS", "MODEL_TYPES", "WHERE_TO_GET", "LoadedCheckpoint", "build_models",
+                 "config_class", "model_class"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    """`name` from the module that defines it, imported on first use (PEP 562); kept for later lookups."""
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -11,8 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from models.checkpoint.files import CONFIG_FILE
 from models.checkpoint.integrity import corrupt_error, reading
-from models.checkpoint.project import CONFIG_FILE, project_dir, read_project_config
+from models.checkpoint.project import project_dir, read_project_config
 from models.checkpoint.registry import FORMATS
 from utils.errors import UnknownCheckpointFormatError
 
@@ -97,7 +98,7 @@ def detect_local_format(path: Path) -> str:
     UnknownCheckpointFormatError (saying what was found) for anything unsupported, UnsafePickleError for a
     pickle that asks for a global outside the allow-list, CorruptCheckpointError for a file cut short or damaged.
     """
-    from models.safe_unpickle import load_pickle, safe_torch_load
+    from models.checkpoint.safe_unpickle import load_pickle, safe_torch_load
 
     kind = sniff(path)
     if kind in ("dir", "safetensors"):

@@ -72,7 +72,7 @@ def export_original_3dpe(
 
 
 def _easydict(obj: Any) -> Any:
-    from models.safe_unpickle import EasyDict
+    from models.checkpoint.safe_unpickle import EasyDict
 
     if isinstance(obj, Mapping):
         return EasyDict({k: _easydict(v) for k, v in obj.items()})
@@ -115,7 +115,7 @@ def write_eg3d_pth(
     training-loop buffer `dataset_label_std`, which the original's strict load would reject),
     G_neural_rendering_resolution, G_renderinig_kwargs (sic), D_init_args, D_init_kwargs, D.
     """
-    from models.safe_unpickle import ORIGINAL_NAMES_PICKLE_MODULE
+    from models.checkpoint.safe_unpickle import ORIGINAL_NAMES_PICKLE_MODULE
 
     g_kwargs = dict(G_init_kwargs or {})
     rk = dict(rendering_kwargs if rendering_kwargs is not None else g_kwargs.get("rendering_kwargs") or {})

@@ -16,12 +16,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from models.checkpoint.files import CONFIG_FILE, PROJECT_FILES, TRAINING_STATE_FILE
 from utils.errors import CorruptCheckpointError, ThreeDPEError
 
-# The file every training checkpoint folder holds (training/state.py STATE_FILE; not imported: models/ does
-# not depend on training/).
-_RUN_STATE_FILE = "training_state.pt"
-_PROJECT_FILES = ("config.json", "model.safetensors")  # models.checkpoint.project CONFIG_FILE, WEIGHTS_FILE
 _NOT_CORRUPTION = (ThreeDPEError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
                    MemoryError)
 
@@ -29,7 +26,7 @@ _NOT_CORRUPTION = (ThreeDPEError, FileNotFoundError, PermissionError, IsADirecto
 def run_checkpoint_dir(path: Path) -> Path | None:
     """The training checkpoint folder (`exps/<run>/checkpoints/step_*`) that `path` is or is in, else None."""
     for d in (path, path.parent):
-        if d.is_dir() and (d / _RUN_STATE_FILE).is_file():
+        if d.is_dir() and (d / TRAINING_STATE_FILE).is_file():
             return d
     return None
 
@@ -41,7 +38,7 @@ def what_to_do(path: Path) -> str:
         return (f"It belongs to the training checkpoint '{run}': move that folder out of '{run.parent}' and "
                 "resume again; --resume then goes on from the previous checkpoint.")
     again = "download or copy it again"
-    if path.name in _PROJECT_FILES and (path.parent / _PROJECT_FILES[0]).is_file():
+    if path.name in PROJECT_FILES and (path.parent / CONFIG_FILE).is_file():
         again = f"download, copy or convert the whole folder '{path.parent}' again"
     return f"It was probably cut short by an interrupted download, copy or save: {again}."
 

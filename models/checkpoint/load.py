@@ -1,6 +1,6 @@
 """The entry points that take a path or a Hugging Face Hub id: resolve it, detect the format, read it.
 
-Hub ids are resolved here and only here (`models.hub.resolve_weights`); everything below works on local paths.
+Hub ids are resolved here and only here (`hub.resolve_weights`); everything below works on local paths.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from models.checkpoint.registry import (
     build_models,
     check_exists,
 )
-from models.hub import resolve_weights
+from models.checkpoint.hub import resolve_weights
 from utils.errors import ConfigError
 
 
@@ -44,7 +44,7 @@ def detect_format(path: str | os.PathLike) -> str:
 def load_checkpoint(path: str | os.PathLike, configs: Mapping[str, Any] | None = None) -> LoadedCheckpoint:
     """Load any supported checkpoint to CPU state dicts + architecture configs (no model is built).
 
-    `path`: a file, a project folder, or a Hugging Face Hub id `org/name[@rev][/file]` (models/hub.py).
+    `path`: a file, a project folder, or a Hugging Face Hub id `org/name[@rev][/file]` (models/checkpoint/hub.py).
     `configs` (component → config dataclass or dict) sets the architecture of components whose file records
     none (the original's 3dpe.pt, Live3D: by default the original's full-size one) and overrides recorded ones
     (the project format, a 3dpe.pt this project wrote, EG3D files). Optimizer states in training checkpoints

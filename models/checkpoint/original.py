@@ -39,7 +39,7 @@ def read_file(path: Path, kind: str) -> Any:
 
     CorruptCheckpointError (naming the file) when it is cut short or damaged.
     """
-    from models.safe_unpickle import load_pickle, safe_torch_load
+    from models.checkpoint.safe_unpickle import load_pickle, safe_torch_load
 
     with reading(path):
         if kind == "pickle":
@@ -252,7 +252,7 @@ def _generator_entry(g_sd: Mapping[str, torch.Tensor], g_args: tuple, g_kwargs: 
 
 
 def _from_eg3d_pkl(snap: Mapping[str, Any], configs: dict[str, Any]) -> LoadedCheckpoint:
-    from models.safe_unpickle import (
+    from models.checkpoint.safe_unpickle import (
         flatten_persistent_state,
         read_init_args,
         read_init_kwargs,
@@ -285,7 +285,7 @@ def _from_eg3d_pkl(snap: Mapping[str, Any], configs: dict[str, Any]) -> LoadedCh
 
 
 def _from_eg3d_pth(obj: Mapping[str, Any], configs: dict[str, Any]) -> LoadedCheckpoint:
-    from models.safe_unpickle import to_plain
+    from models.checkpoint.safe_unpickle import to_plain
 
     g_args = tuple(to_plain(obj.get("G_init_args") or ()))
     g_kwargs = to_plain(dict(obj.get("G_init_kwargs") or {}))

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from models.checkpoint.files import CONFIG_FILE, WEIGHTS_FILE
 from models.checkpoint.integrity import corrupt_error, reading
 from models.checkpoint.registry import (
     COMPONENTS,
@@ -28,8 +29,6 @@ from utils.atomic import atomic_directory
 from utils.errors import ConfigError, MissingWeightsError, UnknownCheckpointFormatError
 
 FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 def json_safe(obj: Any) -> Any:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.hub import resolve_weights
+from models.checkpoint.hub import resolve_weights
 from utils.errors import ConfigError, MissingWeightsError
 
 logger = logging.getLogger(__name__)

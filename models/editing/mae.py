@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.hub import resolve_weights
+from models.checkpoint.hub import resolve_weights
 from utils.errors import MissingWeightsError, UnknownCheckpointFormatError
 
 MAE_URL = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth"

@@ -283,6 +283,8 @@ def conv2d_resample(
 
     x: [N, C_in, H, W]; w: [C_out, C_in/groups, kh, kw]; f: FIR filter (required when up or down > 1).
     Output: [N, C_out, H*up/down, W*up/down] for the usual `padding = k//2`.
+    One function on purpose: its cases (1×1, down then conv, up by transposed conv, conv then down) share the
+    padding arithmetic, and they follow StyleGAN2's own case order, which a reader checks them against.
     """
     if not (isinstance(up, int) and up >= 1 and isinstance(down, int) and down >= 1):
         raise ValueError("up and down must be positive ints")
@@ -359,10 +361,15 @@ def _add_bias(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------- mixed precision (autocast)
+def _autocast_on(dev: str) -> bool:
+    """Autocast is on for device type `dev` ("meta", the shape-only device the placement tests run on, has none)."""
+    return dev != "meta" and torch.is_autocast_enabled(dev)
+
+
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The lower precision autocast runs matrix products and convolutions in on x's device, None outside autocast."""
     dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    return torch.get_autocast_dtype(dev) if _autocast_on(dev) else None
 
 
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -374,7 +381,7 @@ def full_precision(x: torch.Tensor):
     """A context with autocast off on x's device (no-op outside autocast): the code inside runs in its tensors'
     own dtypes, for maths whose precision matters (ray marching, the image skip path) or that casts explicitly."""
     dev = x.device.type
-    return torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext()
+    return torch.autocast(dev, enabled=False) if _autocast_on(dev) else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------- constant-weight layers under input gradients

@@ -21,14 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from models.checkpoint.files import CONFIG_FILE, PROJECT_FILES
 from utils.errors import HubWeightsError
 
 #: First path components that always mean a local path (the project's folders for weights and runs).
 LOCAL_ROOTS = ("pretrained_models", "exps")
 #: A repository name ending like this is a local file name (`models/3dpe.pt`), never a Hub id.
 FILE_SUFFIXES = (".pt", ".pth", ".pkl", ".bin", ".safetensors", ".ckpt", ".json", ".yaml", ".yml", ".npz", ".onnx")
-#: What a project-format folder needs (models/checkpoint/project.py's CONFIG_FILE and WEIGHTS_FILE).
-PROJECT_FILES = ("config.json", "model.safetensors")
 
 _RESOLVED: dict[str, Path] = {}  # spec → what it resolved to in this process (model cards reuse it)
 
@@ -109,7 +108,7 @@ def resolve_weights(spec: str | os.PathLike, *, files: Sequence[str] | None = No
         out = _fetch(ref, spec, ref.filename)
     elif ref.filename or files is None:  # a project-format folder (the repo root or a folder inside it)
         prefix = f"{ref.filename}/" if ref.filename else ""
-        first = _fetch(ref, spec, prefix + PROJECT_FILES[0], project=True)
+        first = _fetch(ref, spec, prefix + CONFIG_FILE, project=True)
         commit = hub_origin(first)
         pinned = HubRef(ref.repo_id, commit["commit"] if commit else ref.revision, ref.filename)
         for name in PROJECT_FILES[1:]:  # the same commit as the first file, even if the branch moves meanwhile

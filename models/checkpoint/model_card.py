@@ -25,9 +25,10 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from models.checkpoint.files import CONFIG_FILE, WEIGHTS_FILE
+
 CARD_FILE = "README.md"
 LIBRARY_NAME = "threedpe"
-WEIGHTS_FILE = "model.safetensors"  # what is hashed for a project-format folder
 EG3D_LICENSE_LINK = "https://github.com/NVlabs/eg3d/blob/main/LICENSE.txt"
 LICENCES: dict[str, dict[str, str]] = {
     "ffhq": {"license": "cc-by-nc-sa-4.0"},
@@ -85,7 +86,7 @@ def licence_of_folder(folder: str | os.PathLike) -> str | None:
                 return kind
         return None
     try:
-        cfg = json.loads((folder / "config.json").read_text())
+        cfg = json.loads((folder / CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return None
     if cfg.get("model_type") == "eg3d":
@@ -95,7 +96,7 @@ def licence_of_folder(folder: str | os.PathLike) -> str | None:
 
 def licence_of_checkpoint(spec: str | os.PathLike) -> tuple[str | None, str]:
     """(licence kind, what it is) of a base checkpoint: a file's detected format, a folder's card or config."""
-    from models import hub
+    from models.checkpoint import hub
 
     path = hub.resolved(spec) or hub.resolve_weights(spec)
     if path.is_dir():
@@ -124,7 +125,7 @@ def describe_base(role: str, spec: str | os.PathLike) -> dict[str, Any]:
     For a project-format folder the hash is that of its `model.safetensors` ('file' says which file was hashed).
     A source that does not exist (any more) gets no hash: nothing is claimed about it.
     """
-    from models import hub
+    from models.checkpoint import hub
 
     out: dict[str, Any] = {"role": role, "source": os.fspath(spec)}
     path = hub.resolved(spec) or hub.resolve_weights(spec)
@@ -193,7 +194,7 @@ def update_evaluation(folder: str | os.PathLike, evaluation: Mapping[str, Any]) 
     """Put `tools.evaluate`'s figures into a project folder's card (written from config.json if it has none)."""
     folder = Path(folder)
     if not (folder / CARD_FILE).is_file():
-        cfg = json.loads((folder / "config.json").read_text())
+        cfg = json.loads((folder / CONFIG_FILE).read_text())
         model_type = cfg.get("model_type", "3dpe")
         write_model_card(folder, model_type=model_type, licence=licence_of_folder(folder),
                          licence_reasons=_folder_reasons(cfg))
