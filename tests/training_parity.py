@@ -378,7 +378,7 @@ def our_training_step(directory: str | os.PathLike, exp_dir: str | os.PathLike,
     for h in hooks:
         h.remove()
     terms = {k: float(v.detach()) for k, v in out.terms.items()}
-    terms["total"] = float(out.loss)
+    terms["total"] = float(out.loss.detach())
     gamma = cfg.loss.r1_gamma
     terms["D_gt"] = float(torch.nn.functional.softplus(-captured.pop("real_logits")).mean())
     terms["D_r1"] = gamma / 2 * float(out.logs["D/r1"])

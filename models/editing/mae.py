@@ -143,11 +143,10 @@ class MAEViT(nn.Module):
         self.blocks = nn.ModuleList(
             [ViTBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.eps) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.eps)
-        # On the module's device, so preprocessing copies nothing from the host (float64: cast per input's dtype).
-        self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("image_std", torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1),
-                             persistent=False)
+        # On the module's device, so preprocessing copies nothing from the host; in the module's dtype (`.double()`
+        # makes them float64 with the rest).
+        self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self._init_weights()
 
     def _init_weights(self) -> None:
