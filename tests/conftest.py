@@ -1,4 +1,9 @@
-"""Shared test fixtures: offline mode, few threads, and the reference folder."""
+"""Shared test fixtures: offline mode, few threads, and the reference folder.
+
+The tests mirror the packages (tests/models/eg3d/ tests models/eg3d/, ...); tests of the whole project (layering,
+host reads, the compiled path, the reference fixtures, the entry points) and the shared helpers (float64.py,
+rounding.py, hf_cache.py, encoder_parity.py, training_parity.py) sit in tests/ itself, on sys.path for every test.
+"""
 from __future__ import annotations
 
 import os
@@ -9,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tests"))  # the shared helpers, imported by name from any test folder
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -76,7 +82,7 @@ def tiny_original_architectures(monkeypatch):
     `export_original_3dpe(...)` without `configs=`): those record none, and the loader assumes the original's
     (full size); here that assumption becomes the `tiny()` config of the same kind. Files the project writes
     (`write_final`, `export_3dpe_pt`, `export_original_3dpe(..., configs=...)`, project folders) record their
-    architecture and need no fixture (tests/test_checkpoint_roundtrip.py).
+    architecture and need no fixture (tests/models/checkpoint/test_checkpoint_roundtrip.py).
     """
     from models.checkpoint import original
 

@@ -26,7 +26,7 @@ from float64 import EPS32
 U32 = EPS32 / 2  # float32 unit roundoff: one rounding changes a value by at most U32 relative
 # Two float64 evaluations of the same maths (another route, batch or order): float64 rounding (1.1e-16) × a few
 # hundred roundings in sequence and moderate cancellation stays below 1e-12; a real difference (a wrong mask, scale,
-# order or term) is ≥ 1e-4. The same bound as tests/test_step_equivalence.py's.
+# order or term) is ≥ 1e-4. The same bound as tests/training/test_step_equivalence.py's.
 F64_REL = 1e-9
 
 

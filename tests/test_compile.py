@@ -18,11 +18,11 @@ from torch._dynamo.utils import counters
 
 from pipelines.editor import PortraitEditor
 from rounding import forward_rel
-from tests.test_training import make_tiny_dataset, tiny_config
+from tests.training.test_training import make_tiny_dataset, tiny_config
 from utils.cameras import original_test_cameras
 
 # A compiled graph computes the same sums in another order (fused kernels, other reductions): per output, the
-# forward rounding bound of the tiny networks' longest chain (as tests/test_training.py's TINY_EDIT_FP32_REL).
+# forward rounding bound of the tiny networks' longest chain (as tests/training/test_training.py's TINY_EDIT_FP32_REL).
 COMPILED_REL = forward_rel(50, 864)  # 1.8e-4
 
 

@@ -161,7 +161,7 @@ def _step_counters(*optimizers: torch.optim.Optimizer) -> tuple[torch.Tensor, ..
 def test_training_step_makes_no_host_reads(tmp_path, overrides):
     import contextlib
 
-    from tests.test_training import make_tiny_dataset, tiny_config
+    from tests.training.test_training import make_tiny_dataset, tiny_config
     from training.setup import build_training
     from training.train import cameras_for, to_device, train_step
 
@@ -251,7 +251,7 @@ def test_training_step_creates_no_host_tensor_on_another_device(tmp_path):
     made there. The optimisers' step counters are 0-dim host scalars by torch's design (not counted)."""
     import contextlib
 
-    from tests.test_training import make_tiny_dataset, tiny_config
+    from tests.training.test_training import make_tiny_dataset, tiny_config
     from training.setup import build_training, set_modes
     from training.train import cameras_for, to_device, train_step
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass, fields
+import typing
 from typing import TYPE_CHECKING, Any, Literal
 
 from models.checkpoint.files import DEFAULT_CHECKPOINT
@@ -50,7 +51,7 @@ class EditorOptions:
     """The editor the shared options describe, typed: tools hand this (never argv) to the code below them.
 
     A field per option (`--ip2p-image-guidance` ↔ `ip2p_image_guidance`), with the option's default. The
-    `ip2p_*` defaults are `InstructPix2PixConfig`'s (tests/test_editor_front.py keeps them equal; this module
+    `ip2p_*` defaults are `InstructPix2PixConfig`'s (tests/pipelines/test_editor_front.py keeps them equal; this module
     loads without torch, so it cannot import them). `ip2p_model` None: the default weights, never downloaded.
     """
 
@@ -132,6 +133,11 @@ class EditorOptions:
 EDITOR_FLAGS = tuple(f"--{f.name.replace('_', '-')}" for f in fields(EditorOptions))
 
 
+def _choices(field: str) -> tuple[str, ...]:
+    """The values of an `EditorOptions` Literal field: the command line's choices come from the type."""
+    return typing.get_args(typing.get_type_hints(EditorOptions)[field])
+
+
 def add_editor_arguments(
     parser: argparse.ArgumentParser,
     *,
@@ -144,7 +150,7 @@ def add_editor_arguments(
     p = parser
     p.add_argument("--checkpoint", default=d.checkpoint, help=checkpoint_help)
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision, help="bf16: opt-in speed mode")
+    p.add_argument("--precision", choices=_choices("precision"), default=d.precision, help="bf16: opt-in speed mode")
     p.add_argument("--channels-last", action="store_true", default=d.channels_last,
                    help="channels-last memory format for the conv weights")
     p.add_argument("--compile", action="store_true", default=d.compile,
@@ -155,9 +161,9 @@ def add_editor_arguments(
     p.add_argument("--random-init", action="store_true", default=d.random_init,
                    help="random weights: checks the install without any weight file (the views come out as one "
                         "flat colour, no face)")
-    p.add_argument("--random-init-kind", choices=["edit", "reconstruct"], default=d.random_init_kind,
+    p.add_argument("--random-init-kind", choices=_choices("random_init_kind"), default=d.random_init_kind,
                    help="with --random-init: a 3DPE editor or a Live3D reconstructor")
-    p.add_argument("--prompt-encoder", choices=["mae", "clip"], default=d.prompt_encoder, help="with --random-init")
+    p.add_argument("--prompt-encoder", choices=_choices("prompt_encoder"), default=d.prompt_encoder, help="with --random-init")
     p.add_argument("--tiny", action="store_true", default=d.tiny, help="with --random-init: tiny models (smoke tests)")
     g = p.add_argument_group("InstructPix2Pix bridge (text prompts with a MAE checkpoint such as 3dpe.pt)")
     g.add_argument("--ip2p-model", default=d.ip2p_model,

@@ -198,7 +198,7 @@ class FrozenDecode(torch.autograd.Function):
     only `uv` is kept (24 bytes a point instead of ~480: corner indices and weights, the hidden layer before and
     after Softplus, the colours); the lookup and the MLP are recomputed there. With `CompositeColours` for the
     colours' compositing, the student's render graph at full size is ~1.3 GB smaller. The table gradient equals
-    the autograd path's up to float rounding (tests/test_frozen_decode.py).
+    the autograd path's up to float rounding (tests/models/eg3d/test_frozen_decode.py).
     """
 
     @staticmethod

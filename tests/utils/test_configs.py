@@ -23,9 +23,9 @@ from training.customize import CustomizeConfig
 from utils.config import from_dict, load_config, to_dict
 from utils.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 #: configs/*.yaml → the dataclass it fills (None: not a config dataclass; datasets/layout.py reads it)
 SCHEMAS = {"train.yaml": TrainConfig, "train_tiny.yaml": TrainConfig, "customize.yaml": CustomizeConfig,
@@ -154,7 +154,7 @@ def test_print_config_from_the_command_line():
 def test_a_run_keeps_the_printed_config_as_its_record(tmp_path, capsys):
     """exps/<name>/config.yaml is the text --print-config shows for the same command."""
     import train_scripts
-    from tests.test_training import make_tiny_dataset
+    from tests.training.test_training import make_tiny_dataset
 
     data = make_tiny_dataset(tmp_path / "data", n_portraits=2, styles=("anime",))
     argv = ["train", "--config", str(CONFIGS / "train_tiny.yaml"), f"data.train_root={data}",

@@ -21,10 +21,10 @@ from PIL import Image
 from float64 import Float64Mode, rel_err, to_float64
 from rounding import F64_REL, forward_rel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "train_tiny.yaml"
 # The tiny editing encoder's triplane in float32 vs its float64 evaluation, relative to the largest |value|
-# (tests/rounding.py, as in tests/test_editing_encoder.py): ≤ 50 products in a row (ResNet, ASPP, transformers,
+# (tests/rounding.py, as in tests/models/editing/test_editing_encoder.py): ≤ 50 products in a row (ResNet, ASPP, transformers,
 # prompt encoder, fuser, head) of ≤ 864 terms; measured 7.6e-6 with the tiny CLIP prompt encoder.
 TINY_EDIT_FP32_REL = forward_rel(50, 864)  # 1.8e-4
 

@@ -50,7 +50,7 @@ def tiny_3dpe_pt(dst: Path, seed: int = 3) -> Path:
 # ------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from test_training import make_tiny_dataset, tiny_config
+    from tests.training.test_training import make_tiny_dataset, tiny_config
     from training.train import main
 
     tmp = tmp_path_factory.mktemp("card")

@@ -294,7 +294,7 @@ def test_cli_bad_video_exit_code(video: Path, tmp_path: Path):
     import sys
 
     bad = _bad_videos(tmp_path, video)["text"]
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-m", "tools.edit_video", "--video", str(bad), "--ref", "x.png",
                            "--out", str(tmp_path / "o.mp4")], cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1

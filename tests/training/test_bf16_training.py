@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from test_bf16_full_size import node_names
-from test_training import _events, make_tiny_dataset, tiny_config
+from tests.models.eg3d.test_bf16_full_size import node_names
+from tests.training.test_training import _events, make_tiny_dataset, tiny_config
 
 
 def test_bf16_training_runs_and_its_checkpoints_load(tmp_path):
@@ -45,7 +45,7 @@ def test_bf16_checkpointed_rendering_gives_the_same_gradients():
     """`model.render_chunk` under bf16 autocast: the renderer replayed in backward (activation checkpointing) runs
     in the same dtypes as its first pass (the recomputed tensors' metadata must match), the student's render goes
     through `FrozenDecode`, and the encoder's gradients equal those without checkpointing up to bf16 rounding."""
-    from test_training import tiny_student_problem
+    from tests.training.test_training import tiny_student_problem
     from training.student import Student
 
     enc, ren, params, (img, ref, cams) = tiny_student_problem()

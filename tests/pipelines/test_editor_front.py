@@ -306,3 +306,20 @@ def test_missing_checkpoint_is_one_line_and_exit_2_in_every_tool(tool: str, tmp_
     assert len(err) == 1 and "Traceback" not in err[0], err
     assert f"checkpoint '{missing}' not found" in err[0]
     assert "pretrained_models" in err[0] and "--random-init" in err[0]
+
+
+def test_editor_option_choices_come_from_the_option_types():
+    """Every `Literal` field of `EditorOptions` is a command-line choice list derived from the type, not restated."""
+    import argparse
+    import typing
+
+    from tools.editor_options import EditorOptions, add_editor_arguments
+
+    p = argparse.ArgumentParser()
+    add_editor_arguments(p)
+    by_dest = {a.dest: a for a in p._actions}
+    literal = {name: typing.get_args(tp) for name, tp in typing.get_type_hints(EditorOptions).items()
+               if typing.get_origin(tp) is typing.Literal}
+    assert {"precision", "prompt_encoder", "random_init_kind"} <= set(literal)
+    for name, values in literal.items():
+        assert tuple(by_dest[name].choices) == values, name

@@ -283,7 +283,7 @@ def test_every_tool_is_named_as_typed_in_its_usage(capsys):
     """`python -m tools.X --help` says `usage: python -m tools.X`, not the file name."""
     import importlib
 
-    commands = {p.stem for p in (Path(__file__).resolve().parents[1] / "tools").glob("*.py")
+    commands = {p.stem for p in (Path(__file__).resolve().parents[2] / "tools").glob("*.py")
                 if 'if __name__ == "__main__":' in p.read_text()}
     assert commands - {"inference"} == set(TOOL_ENTRIES)  # a new tool: add it here
     for name, entry in TOOL_ENTRIES.items():

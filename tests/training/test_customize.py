@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CUSTOMIZE = ROOT / "configs" / "customize.yaml"
 CUSTOMIZE_TINY = ROOT / "configs" / "customize_tiny.yaml"
 TINY_OVERRIDES = [

@@ -21,7 +21,7 @@ from pipelines.datagen import Components, DatagenConfig, main
 from utils.config import load_config
 from utils.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "datagen_tiny.yaml"  # 4 EG3D inputs × 2 styles × 2 variants, 64 px
 ONE_STYLE = "edit.edit_types=[pixar]"  # 4 units of 2 variants: enough to see batching, half the time
 

@@ -14,7 +14,7 @@ from PIL import Image
 from utils.face_alignment import STANDARD_LANDMARKS_3D, eg3d_crop
 from tools.preprocess import EXIT_FAILED, EXIT_OK, main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FRONTAL_LABEL = [1, 0, 0, 0, 0, -1, 0, 0, 0, 0, -1, 2.7, 0, 0, 0, 1, 4.2647, 0, 0.5, 0, 4.2647, 0.5, 0, 0, 1]
 
 pytest.importorskip("facenet_pytorch")

@@ -25,10 +25,10 @@ from typing import Any
 import pytest
 import torch
 
-from tests.test_training import make_tiny_dataset, tiny_config
+from tests.training.test_training import make_tiny_dataset, tiny_config
 from utils import testing_hooks
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "train_tiny.yaml"  # 4 steps, a checkpoint every 2 (keep_last 2)
 DATAGEN_TINY = ROOT / "configs" / "datagen_tiny.yaml"
 TIMEOUT_S = 300  # a hung restart or collective fails the test instead of hanging CI

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_training import TINY, make_tiny_dataset, tiny_config
+from tests.training.test_training import TINY, make_tiny_dataset, tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 #: small and fast: 2 pairs (1 step per epoch), no validation, grids or periodic checkpoints in the way
 QUICK = ["data.val_fraction=0", "loss.multiview=false", "log.val_interval=1000", "log.image_interval=1000",
          "log.save_interval=1000", "export_3dpe=false"]

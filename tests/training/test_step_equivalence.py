@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from float64 import EPS32, Float64Mode, rel_err, to_float64
 from rounding import F64_REL
-from test_training import make_tiny_dataset, tiny_config
+from tests.training.test_training import make_tiny_dataset, tiny_config
 
 TERMS_ON = ["loss.feature=0.3", "loss.id=0.1", "gan.start_step=0", "loss.one_camera_per_batch=false",
             "data.val_fraction=0.0", "model.render_chunk=0"]

@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_training import make_tiny_dataset
+from tests.training.test_training import make_tiny_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "train_tiny.yaml"
 TIMEOUT_S = 240  # a hung rendezvous or collective fails the test instead of hanging CI
 RUN = ["--config", str(TINY), "name=mn", "max_steps=2"]  # tiny defaults: checkpoint, images and val at step 2
@@ -162,7 +162,7 @@ def test_two_nodes_stay_in_sync_and_match_one_node(two_nodes):
     assert all(torch.equal(two[k], one[k]) for k in two)
     assert all(torch.equal(two[k], r0["student"][k].cpu()) for k in r0["student"])
     # and training moved the weights, so the equalities above are not those of untouched initial weights
-    from tests.test_training import tiny_config
+    from tests.training.test_training import tiny_config
     from training.setup import build_networks
 
     cfg = tiny_config(two_nodes["data"], two_nodes["tmp"] / "unused", "mn")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Allocates, frees and re-allocates a 64 MB block 20 times and prints the minor page faults that took.
 PROBE = textwrap.dedent("""

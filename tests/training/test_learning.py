@@ -9,7 +9,7 @@ the teacher, a reference that never reaches the editing module, a wrong camera) 
 baseline (a), the teacher's lift of the unedited input, and the test fails.
 
 The default run keeps a short version: the same experiment end to end with a handful of steps (every stage runs and
-writes its outputs; whether it learns is the slow tests' question, and tests/test_training.py checks that the loss
+writes its outputs; whether it learns is the slow tests' question, and tests/training/test_training.py checks that the loss
 falls).
 """
 from __future__ import annotations

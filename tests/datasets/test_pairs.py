@@ -98,7 +98,7 @@ def test_reference_is_another_portrait(original_layout: Path) -> None:
 def test_instructions_from_vocabulary_or_style_name(original_layout: Path) -> None:
     from datasets.layout import load_vocabulary
 
-    vocab = load_vocabulary(Path(__file__).resolve().parents[1] / "configs" / "edit_vocabulary.yaml")
+    vocab = load_vocabulary(Path(__file__).resolve().parents[2] / "configs" / "edit_vocabulary.yaml")
     ds = EditPairsDataset(original_layout, resolution=R)
     for i in range(len(ds)):
         assert ds[i]["instruction"] in vocab[ds.pairs[i].edit_type].instructions

@@ -28,7 +28,7 @@ TINY = ROOT / "configs" / "train_tiny.yaml"
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict[str, Path]:
     """A 1-step tiny training run: its folder, data and the paths of what it wrote."""
-    from test_training import make_tiny_dataset, tiny_config
+    from tests.training.test_training import make_tiny_dataset, tiny_config
     from training.train import main
 
     tmp = tmp_path_factory.mktemp("run")
@@ -179,7 +179,7 @@ def half_files(run, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     from models.discriminator import DiscriminatorConfig, DualDiscriminator
     from models.eg3d.config import GeneratorConfig
     from models.eg3d.generator import TriPlaneGenerator
-    from test_checkpoint import write_nvidia_pkl
+    from tests.models.checkpoint.test_checkpoint import write_nvidia_pkl
 
     tmp = tmp_path_factory.mktemp("half")
     torch.manual_seed(0)

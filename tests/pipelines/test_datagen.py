@@ -22,7 +22,7 @@ from datasets.layout import load_vocabulary, read_jsonl
 from pipelines.datagen import Components, DatagenConfig, main
 from utils.config import load_config, parse_seeds
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "datagen_tiny.yaml"
 N_INPUTS, STYLES, VARIANTS = 4, ("golden-statue", "pixar"), 2  # from configs/datagen_tiny.yaml
 
