@@ -118,7 +118,6 @@ class PortraitPreparer:
         return face.image, float(face.score)
 
 
-
 def portrait_side(editor: Any, size: int | None = None) -> int:
     """The side of the pictures given to `editor`: `size` when given (tests use small sides with tiny models),
     else the encoder's input resolution (512 for the released weights)."""

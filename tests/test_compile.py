@@ -129,14 +129,13 @@ def test_compiled_training_steps_equal_eager_ones_without_recompiling(tmp_path, 
 
 
 def test_compile_flag_reaches_the_editor(monkeypatch):
-    from tools.editor_options import add_editor_arguments, editor_from_args
+    from tools.editor_options import EditorOptions, add_editor_arguments
 
     calls = []
     monkeypatch.setattr(PortraitEditor, "compile", lambda self, mode=None, backend="inductor": calls.append(mode))
     p = argparse.ArgumentParser()
     add_editor_arguments(p)
-    editor_from_args(p.parse_args(["--random-init", "--tiny", "--device", "cpu", "--compile"]), needs_text=False,
-                     warn_random_init=False)
-    editor_from_args(p.parse_args(["--random-init", "--tiny", "--device", "cpu"]), needs_text=False,
-                     warn_random_init=False)
+    for argv in (["--compile"], []):
+        args = p.parse_args(["--random-init", "--tiny", "--device", "cpu", *argv])
+        EditorOptions.from_args(args).build(needs_text=False, warn_random_init=False)
     assert calls == [None]

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from pipelines.portraits import Portrait, PortraitPreparer
-from tools.editor_options import add_editor_arguments, editor_from_args
+from tools.editor_options import EditorOptions, add_editor_arguments
 
 GRADIO_MISSING = (
     "The demo needs Gradio, an optional dependency: pip install gradio\n"
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.errors import ThreeDPEError, report_user_error
 
     try:
-        editor = editor_from_args(args, needs_text=True)  # the bridge loads on the first text edit, if any
+        editor = EditorOptions.from_args(args).build(needs_text=True)  # the bridge loads on the first text edit, if any
     except ThreeDPEError as e:  # a missing checkpoint, a Hub id not cached offline: one line, no traceback
         return report_user_error(e)
     # The temporary folder goes when the app stops: launch returns when the app is closed or on Ctrl-C (Gradio

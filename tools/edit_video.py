@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from pipelines.portraits import PortraitPreparer
 from pipelines.video_edit import CAMERA_MODES, NO_FACE_MODES, VideoEditConfig, VideoEditSummary, edit_video
-from tools.editor_options import add_editor_arguments, editor_from_args
+from tools.editor_options import EditorOptions, add_editor_arguments
 
 if TYPE_CHECKING:
     import torch
@@ -102,7 +102,7 @@ def run(argv: list[str] | None = None) -> dict:
     except BadVideoError as e:
         return fail(str(e), e.details)
     try:
-        editor = editor_from_args(args, needs_text=args.prompt is not None)
+        editor = EditorOptions.from_args(args).build(needs_text=args.prompt is not None)
     except ThreeDPEError as e:  # a missing checkpoint, a Hub id not cached offline: one line, exit status 2
         report_user_error(e)
         return {"ok": False, "error": str(e), "output": args.out, "exit_code": 2}

@@ -183,8 +183,3 @@ def check_checkpoint_arg(options: Any) -> None:
 
     if not options.random_init and (options.checkpoint is None or not is_local_or_hub(options.checkpoint)):
         raise CheckpointNotFoundError(options.checkpoint)
-
-
-def editor_from_args(args: argparse.Namespace, needs_text: bool, warn_random_init: bool = True) -> PortraitEditor:
-    """`EditorOptions.from_args(args).build(...)`: the editor of a tool's parsed shared options."""
-    return EditorOptions.from_args(args).build(needs_text, warn_random_init=warn_random_init)

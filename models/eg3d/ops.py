@@ -362,8 +362,8 @@ def _add_bias(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 # ------------------------------------------------------------------- mixed precision (autocast)
 def _autocast_on(dev: str) -> bool:
-    """Autocast is on for device type `dev` ("meta", the shape-only device the placement tests run on, has none)."""
-    return dev != "meta" and torch.is_autocast_enabled(dev)
+    """Autocast is on for device type `dev` (a device type without autocast, such as "meta", has it off)."""
+    return torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:

@@ -249,22 +249,22 @@ def test_editor_options_are_typed_and_reach_the_inference_run():
         default.model, default.steps, default.guidance_scale, default.image_guidance_scale, default.seed)
 
 
-def test_editor_from_args_applies_every_option(monkeypatch):
+def test_editor_options_apply_every_option(monkeypatch):
     """--channels-last and the bridge options reach the editor (also with --random-init)."""
-    from tools.editor_options import add_editor_arguments, editor_from_args
+    from tools.editor_options import EditorOptions, add_editor_arguments
 
     p = argparse.ArgumentParser()
     add_editor_arguments(p)
     args = p.parse_args(["--random-init", "--tiny", "--device", "cpu", "--channels-last", "--prompt-encoder", "clip",
                          "--ip2p-steps", "3", "--ip2p-guidance", "5", "--seed", "4"])
-    editor = editor_from_args(args, needs_text=True)
+    editor = EditorOptions.from_args(args).build(needs_text=True)
     assert editor.prompt_encoder_kind == "clip"
     conv = next(m for m in editor.encoder.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     bridge = editor.text_bridge
     cfg = getattr(bridge, "config", None) or bridge.cfg  # (the attribute may be renamed .config)
     assert (cfg.steps, cfg.guidance_scale, cfg.seed) == (3, 5.0, 4)
-    assert editor_from_args(args, needs_text=False).text_bridge is None
+    assert EditorOptions.from_args(args).build(needs_text=False).text_bridge is None
 
 
 # ------------------------------------------------------------------ a missing checkpoint, the same in every tool
