@@ -50,7 +50,7 @@ def write_views(editor, image: torch.Tensor, prompt, cameras: torch.Tensor, out_
 def main() -> None:
     from pipelines.editor import PortraitEditor
     from utils.cameras import original_test_cameras
-    from utils.device import resolve_device
+    from utils.device import keep_freed_cpu_memory, resolve_device
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=None)
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        keep_freed_cpu_memory()  # as the editing tools do (--keep-freed-memory, on by default)
 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)

@@ -22,7 +22,7 @@ def main() -> None:
     from models.eg3d.config import RendererConfig
     from models.eg3d.triplane_renderer import TriplaneRenderer
     from utils.cameras import original_test_cameras
-    from utils.device import resolve_device
+    from utils.device import keep_freed_cpu_memory, resolve_device
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default=None)
@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        keep_freed_cpu_memory()  # as the editing tools do (--keep-freed-memory, on by default)
 
     cfg = RendererConfig.tiny() if args.tiny else RendererConfig()
     renderer = TriplaneRenderer(cfg).eval()

@@ -77,7 +77,7 @@ def crop_jitter(frames: list[np.ndarray], detector, radius: int, side: int = 256
 def main() -> None:
     from pipelines import video_edit as ev
     from pipelines.editor import PortraitEditor
-    from utils.device import resolve_device
+    from utils.device import keep_freed_cpu_memory, resolve_device
     from utils.face_alignment import MTCNNDetector
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,6 +94,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        keep_freed_cpu_memory()  # as the editing tools do (--keep-freed-memory, on by default)
     n = args.frames or (48 if device.type == "cuda" else 6)
 
     if args.checkpoint:

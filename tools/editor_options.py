@@ -60,6 +60,7 @@ class EditorOptions:
     precision: Literal["fp32", "bf16"] = "fp32"
     channels_last: bool = False
     compile: bool = False
+    keep_freed_memory: bool = True
     seed: int = 0
     random_init: bool = False
     random_init_kind: Literal["edit", "reconstruct"] = "edit"
@@ -116,6 +117,10 @@ class EditorOptions:
         from utils.device import resolve_device
 
         device = resolve_device(self.device)
+        if self.keep_freed_memory and device.type == "cpu":
+            from utils.device import keep_freed_cpu_memory
+
+            keep_freed_cpu_memory()
         torch.manual_seed(self.seed)
         common = dict(device=device, precision=self.precision, channels_last=self.channels_last,
                       text_bridge=self.text_bridge(device) if needs_text else None, compile=self.compile)
@@ -156,6 +161,10 @@ def add_editor_arguments(
     p.add_argument("--compile", action="store_true", default=d.compile,
                    help="torch.compile the encoder and renderer: the first call of each input size compiles "
                         "(minutes on a CPU), later ones run faster; pays off over many images (docs/benchmarks.md)")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=d.keep_freed_memory,
+                   help="on CPU with glibc, keep freed memory in the process for reuse instead of mapping every "
+                        "large tensor afresh (a 512 view 2.2 -> 1.5 s on a 2-core Xeon; the resident size stays "
+                        "at its peak); --no-keep-freed-memory leaves the C library's default")
     p.add_argument("--seed", type=int, default=d.seed,
                    help="seed for anything random (InstructPix2Pix, random init)")
     p.add_argument("--random-init", action="store_true", default=d.random_init,

@@ -87,6 +87,18 @@ def test_transposed_conv_by_phases_matches_conv_transpose2d(stride, padding, ker
         assert_within(ref, *rounding, "conv_transpose2d")
 
 
+def test_transposed_conv_by_phases_keeps_channels_last():
+    """A channels-last input gives a channels-last output (the super-resolution's layers after it stay channels-last:
+    a contiguous output made every phase a transposing copy and every later convolution NCHW), same values."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 6, 9, 8, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(6, 5, 3, 3, generator=g), torch.randn(5, generator=g)
+    out = ops.conv_transpose2d_polyphase(x, w, b, (2, 2), (1, 1))
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert_within(out, *_conv_rounding(F.conv_transpose2d, x, w, b, stride=(2, 2), padding=(1, 1)), "channels-last")
+    assert ops.conv_transpose2d_polyphase(x.contiguous(), w, b, (2, 2), (1, 1)).is_contiguous()
+
+
 @pytest.mark.parametrize("capability, out_side, phases", [
     ("AVX512", 512, True), ("AVX512_BF16", 256, True), ("AVX2", 256, True), ("AVX2", 512, False),
     ("DEFAULT", 128, True)])
@@ -101,6 +113,8 @@ def test_transposed_convs_run_by_phases_by_a_rule_of_device_and_instruction_set(
     assert not ops._by_phases(x.to("meta"), w.to("meta"), (2, 2), (0, 0), 1)
     assert not ops._in_chunks(torch.empty(1, 64, 520, 520, device="meta"), True)
     assert ops._in_chunks(torch.empty(1, 64, 520, 520), True) and not ops._in_chunks(torch.empty(1, 64, 520, 520), False)
+    # channels-last depthwise runs whole (no NCHW cache effect; a channel slice would be a strided copy)
+    assert not ops._in_chunks(torch.empty(1, 64, 520, 520).contiguous(memory_format=torch.channels_last), True)
 
 
 def test_frozen_conv_in_a_double_backward():
