@@ -450,7 +450,10 @@ def conv_transpose2d_polyphase(x: torch.Tensor, weight: torch.Tensor, bias: torc
             wr = wt[:, :, ky::sy, kx::sx].flip([2, 3]).contiguous()
             # The phase reads input rows offy .. offy+my+ny-2 (zeros outside): pad (or crop) to exactly those.
             pad = [-offx, offx + mx + nx - 1 - w, -offy, offy + my + ny - 1 - h]
-            y = F.conv2d(F.pad(x, pad) if any(pad) else x, wr, bias)
+            if pad[0] == pad[1] >= 0 and pad[2] == pad[3] >= 0:  # the convolution pads (the SR's phases: no copy)
+                y = F.conv2d(x, wr, bias, padding=(pad[2], pad[0]))
+            else:
+                y = F.conv2d(F.pad(x, pad), wr, bias)
             if out is None:  # the convolution's dtype (autocast may change it) and memory format
                 out = torch.empty((n, cout, oh, ow), dtype=y.dtype, device=y.device,
                                   memory_format=_memory_format(y))
