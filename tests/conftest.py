@@ -63,6 +63,20 @@ def keys_dir() -> Path:
     return ROOT / "tests" / "data"
 
 
+def perturbed_tiny_generator(seed: int):
+    """A tiny `TriPlaneGenerator` in eval mode, its random init moved by N(0, 0.01²) noise (so no parameter keeps a
+    constant init value a wrong load would also give), from `seed`."""
+    from models.eg3d.config import GeneratorConfig
+    from models.eg3d.generator import TriPlaneGenerator
+
+    torch.manual_seed(seed)
+    g = TriPlaneGenerator(GeneratorConfig.tiny()).eval()
+    with torch.no_grad():
+        for p in g.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    return g
+
+
 def read_key_list(path: Path) -> list[tuple[str, tuple[int, ...]]]:
     """Read a `key<TAB>shape<TAB>dtype<TAB>numel` TSV into [(key, shape)]."""
     rows = []

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, perturbed_tiny_generator
 from tools.eg3d_samples import main, sample_seed
 from utils.config import parse_seeds
 from models import checkpoint as ck
@@ -20,15 +20,7 @@ from models import checkpoint as ck
 
 @pytest.fixture(scope="module")
 def tiny_generator():
-    from models.eg3d.config import GeneratorConfig
-    from models.eg3d.generator import TriPlaneGenerator
-
-    torch.manual_seed(5)
-    g = TriPlaneGenerator(GeneratorConfig.tiny()).eval()
-    with torch.no_grad():
-        for p in g.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    return g
+    return perturbed_tiny_generator(5)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, read_key_list
+from conftest import ROOT, perturbed_tiny_generator, read_key_list
+from fake_modules import fake_modules
 from models import checkpoint as ck
 from models.checkpoint.safe_unpickle import safe_torch_load
 from utils.errors import ConfigError, MissingWeightsError, UnknownCheckpointFormatError, UnsafePickleError
@@ -364,34 +365,19 @@ _FAKE = ("torch_utils", "torch_utils.persistence", "dnnlib", "dnnlib.util", "tra
 @contextlib.contextmanager
 def nvidia_modules():
     """Fake NVIDIA modules present in sys.modules only while dumping."""
-    saved = {n: sys.modules.get(n) for n in _FAKE}
-    mods = {n: types.ModuleType(n) for n in _FAKE}
+    with fake_modules(_FAKE) as mods:
 
-    def _reconstruct_persistent_obj(meta):  # pragma: no cover
-        raise AssertionError("must not run")
+        class EasyDict(dict):
+            pass
 
-    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
-    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
-    mods["torch_utils.persistence"]._reconstruct_persistent_obj = _reconstruct_persistent_obj
+        class OSGDecoder:
+            pass
 
-    class EasyDict(dict):
-        pass
-
-    class OSGDecoder:
-        pass
-
-    for cls, mod in ((EasyDict, "dnnlib.util"), (OSGDecoder, "training.triplane")):
-        cls.__module__, cls.__qualname__ = mod, cls.__name__
-        setattr(mods[mod], cls.__name__, cls)
-    sys.modules.update(mods)
-    try:
-        yield types.SimpleNamespace(EasyDict=EasyDict, OSGDecoder=OSGDecoder, reconstruct=_reconstruct_persistent_obj)
-    finally:
-        for n, m in saved.items():
-            if m is None:
-                sys.modules.pop(n, None)
-            else:
-                sys.modules[n] = m
+        for cls, mod in ((EasyDict, "dnnlib.util"), (OSGDecoder, "training.triplane")):
+            cls.__module__, cls.__qualname__ = mod, cls.__name__
+            setattr(mods[mod], cls.__name__, cls)
+        yield types.SimpleNamespace(EasyDict=EasyDict, OSGDecoder=OSGDecoder,
+                                    reconstruct=mods["torch_utils.persistence"]._reconstruct_persistent_obj)
 
 
 class _Record:
@@ -444,14 +430,8 @@ def eg3d_init_kwargs(ns, cfg) -> dict:
 @pytest.fixture(scope="module")
 def tiny_eg3d():
     from models.discriminator import DiscriminatorConfig, DualDiscriminator
-    from models.eg3d.config import GeneratorConfig
-    from models.eg3d.generator import TriPlaneGenerator
 
-    torch.manual_seed(3)
-    g = TriPlaneGenerator(GeneratorConfig.tiny()).eval()
-    with torch.no_grad():
-        for p in g.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
+    g = perturbed_tiny_generator(3)
     d = DualDiscriminator(DiscriminatorConfig.tiny()).eval()
     return g, d
 

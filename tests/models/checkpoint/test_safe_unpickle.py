@@ -35,6 +35,7 @@ from models.checkpoint.safe_unpickle import (
     restricted_loads,
     safe_torch_load,
 )
+from fake_modules import fake_modules
 from utils.errors import UnsafePickleError
 
 FAKE_MODULES = (
@@ -53,53 +54,37 @@ def _reduce_persistent(self: nn.Module):
 @contextlib.contextmanager
 def nvidia_modules():
     """Fake NVIDIA modules in sys.modules (only while dumping); yields a namespace of their classes."""
-    saved = {n: sys.modules.get(n) for n in FAKE_MODULES}
-    mods = {n: types.ModuleType(n) for n in FAKE_MODULES}
+    with fake_modules(FAKE_MODULES) as mods:
 
-    def _reconstruct_persistent_obj(meta):  # pragma: no cover - must never be called on load
-        raise AssertionError("NVIDIA's reconstruct function ran")
+        class NvEasyDict(dict):
+            def __getattr__(self, k):
+                try:
+                    return self[k]
+                except KeyError:
+                    raise AttributeError(k) from None
 
-    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
-    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
-    mods["torch_utils.persistence"]._reconstruct_persistent_obj = _reconstruct_persistent_obj
+            def __setattr__(self, k, v):
+                self[k] = v
 
-    class NvEasyDict(dict):
-        def __getattr__(self, k):
-            try:
-                return self[k]
-            except KeyError:
-                raise AttributeError(k) from None
+        NvEasyDict.__module__, NvEasyDict.__qualname__, NvEasyDict.__name__ = "dnnlib.util", "EasyDict", "EasyDict"
+        mods["dnnlib.util"].EasyDict = NvEasyDict
+        mods["dnnlib"].EasyDict = NvEasyDict
 
-        def __setattr__(self, k, v):
-            self[k] = v
+        def persistent(name: str, base: type = nn.Module) -> type:
+            return type(name, (base,), {"__reduce__": _reduce_persistent, "__module__": "training.networks_stylegan2"})
 
-    NvEasyDict.__module__, NvEasyDict.__qualname__, NvEasyDict.__name__ = "dnnlib.util", "EasyDict", "EasyDict"
-    mods["dnnlib.util"].EasyDict = NvEasyDict
-    mods["dnnlib"].EasyDict = NvEasyDict
+        class OSGDecoder(nn.Module):
+            pass
 
-    def persistent(name: str, base: type = nn.Module) -> type:
-        return type(name, (base,), {"__reduce__": _reduce_persistent, "__module__": "training.networks_stylegan2"})
+        class ImportanceRenderer(nn.Module):
+            pass
 
-    class OSGDecoder(nn.Module):
-        pass
-
-    class ImportanceRenderer(nn.Module):
-        pass
-
-    for cls, mod in ((OSGDecoder, "training.triplane"), (ImportanceRenderer, "training.volumetric_rendering.renderer")):
-        cls.__module__, cls.__qualname__ = mod, cls.__name__
-        setattr(mods[mod], cls.__name__, cls)
-    ns = types.SimpleNamespace(EasyDict=NvEasyDict, persistent=persistent, OSGDecoder=OSGDecoder,
-                               ImportanceRenderer=ImportanceRenderer)
-    sys.modules.update(mods)
-    try:
-        yield ns
-    finally:
-        for n, m in saved.items():
-            if m is None:
-                sys.modules.pop(n, None)
-            else:
-                sys.modules[n] = m
+        for cls, mod in ((OSGDecoder, "training.triplane"),
+                         (ImportanceRenderer, "training.volumetric_rendering.renderer")):
+            cls.__module__, cls.__qualname__ = mod, cls.__name__
+            setattr(mods[mod], cls.__name__, cls)
+        yield types.SimpleNamespace(EasyDict=NvEasyDict, persistent=persistent, OSGDecoder=OSGDecoder,
+                                    ImportanceRenderer=ImportanceRenderer)
 
 
 def _make_fake_generator(ns) -> nn.Module:
