@@ -32,8 +32,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = resolve_device(args.device)
-    if device.type == "cpu":
-        keep_freed_cpu_memory()  # as the editing tools do (--keep-freed-memory, on by default)
+    keep_freed_cpu_memory(device)  # as the editing tools do (--keep-freed-memory, on by default)
 
     cfg = RendererConfig.tiny() if args.tiny else RendererConfig()
     renderer = TriplaneRenderer(cfg).eval()

@@ -94,8 +94,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    if device.type == "cpu":
-        keep_freed_cpu_memory()  # as the editing tools do (--keep-freed-memory, on by default)
+    keep_freed_cpu_memory(device)  # as the editing tools do (--keep-freed-memory, on by default)
     n = args.frames or (48 if device.type == "cuda" else 6)
 
     if args.checkpoint:

@@ -117,10 +117,10 @@ class EditorOptions:
         from utils.device import resolve_device
 
         device = resolve_device(self.device)
-        if self.keep_freed_memory and device.type == "cpu":
+        if self.keep_freed_memory:
             from utils.device import keep_freed_cpu_memory
 
-            keep_freed_cpu_memory()
+            keep_freed_cpu_memory(device)
         torch.manual_seed(self.seed)
         common = dict(device=device, precision=self.precision, channels_last=self.channels_last,
                       text_bridge=self.text_bridge(device) if needs_text else None, compile=self.compile)

@@ -285,10 +285,10 @@ def build_training(cfg: TrainConfig, train_set: Dataset | None = None,
 
     info = du.init_distributed(cfg.device or None)
     device = info.device
-    if device.type == "cpu" and cfg.keep_freed_memory:
+    if cfg.keep_freed_memory:
         from utils.device import keep_freed_cpu_memory
 
-        keep_freed_cpu_memory()  # a CPU step frees and re-allocates ~100 MB tensors all the time
+        keep_freed_cpu_memory(device)  # a CPU step frees and re-allocates ~100 MB tensors all the time
     run_dir = Path(cfg.exp_dir) / cfg.name
     ckpt_root = run_dir / "checkpoints"
     # A node that torchrun restarted because another node failed keeps its count: any rank's restart counts.

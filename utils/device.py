@@ -29,19 +29,20 @@ def cpu_name() -> str:
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
-def keep_freed_cpu_memory() -> bool:
+def keep_freed_cpu_memory(device: str | torch.device) -> bool:
     """Keep freed heap memory in the process for reuse (glibc only): no `mmap` for large blocks, no trimming.
 
     A CPU training step allocates and frees hundreds of 100 MB-sized tensors; by default glibc maps each one
     fresh and unmaps it on free, so every new tensor page-faults its memory in again (a fifth of a full-size
     step's time went to the kernel on CPU-2). With these two settings freed blocks are reused instead, at the
     cost of a slightly higher resident peak. The same as `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`
-    in the environment. Returns False (and changes nothing) on other C libraries.
+    in the environment. `device`: the device the process computes on. Returns False (and changes nothing) when that
+    is not the CPU, or on other C libraries.
     """
     import ctypes
     import platform
 
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if torch.device(device).type != "cpu" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -335,7 +335,7 @@ def test_cpu_editor_keeps_freed_memory_unless_told_not_to(monkeypatch, keep: boo
     from tools.editor_options import EditorOptions
 
     calls = []
-    monkeypatch.setattr(utils.device, "keep_freed_cpu_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(utils.device, "keep_freed_cpu_memory", lambda device: calls.append(device.type) or True)
     EditorOptions(checkpoint=None, device="cpu", random_init=True, tiny=True, keep_freed_memory=keep).build(
         needs_text=False, warn_random_init=False)
-    assert calls == ([1] if keep else [])
+    assert calls == (["cpu"] if keep else [])

@@ -19,7 +19,7 @@ PROBE = textwrap.dedent("""
     import torch
     from utils.device import keep_freed_cpu_memory
     keep = {keep}
-    ok = keep_freed_cpu_memory() if keep else True
+    ok = keep_freed_cpu_memory("cpu") if keep else True
     for _ in range(3):
         torch.ones(16 * 2**20)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -48,6 +48,16 @@ def test_reused_blocks_fault_no_pages_in():
     assert default_60 - default_20 >= pages // 2, (default_20, default_60)  # glibc's default: each block mapped afresh
     # kept: the freed block is reused (measured growth 0 vs 655,360 pages on a Sapphire-Rapids Xeon)
     assert (kept_60 - kept_20) * 8 <= default_60 - default_20, (kept_20, kept_60, default_20, default_60)
+
+
+def test_off_the_cpu_nothing_changes(monkeypatch):
+    """A process computing on another device leaves the C library's setting (`mallopt` is never called)."""
+    import ctypes
+
+    from utils.device import keep_freed_cpu_memory
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: pytest.fail("mallopt called off the CPU"))
+    assert keep_freed_cpu_memory("meta") is False
 
 
 def test_training_setting_is_on_by_default():
